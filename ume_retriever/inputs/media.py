@@ -1,0 +1,176 @@
+"""Reading images and videos into RGB PIL frames, with clear per-input errors.
+
+Large images are never decoded blindly: the header is read first, JPEGs above the decode
+limit are decoded at a reduced scale (``Image.draft``), other formats above it are refused.
+The processor's own pixel caps then decide the resolution the model sees.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+from .item import describe_source
+
+logger = logging.getLogger(__name__)
+
+# ~192 MB as RGB: far above what any Qwen2-VL processor keeps (its cap is ~12.8 MP).
+DEFAULT_MAX_DECODE_PIXELS = 64_000_000
+DEFAULT_NUM_FRAMES = 8
+
+
+def _open_source(src: Any, what: str) -> Image.Image:
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise InputError(what, "file not found")
+        if path.is_dir():
+            raise InputError(what, "is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise InputError(what, "file is empty (0 bytes)")
+        fp: Any = path
+    elif isinstance(src, (bytes, bytearray)):
+        if len(src) == 0:
+            raise InputError(what, "image bytes are empty")
+        fp = io.BytesIO(src)
+    else:
+        raise InputError(what, f"unsupported image type {type(src).__name__}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between 89M and 179M pixels; our own limit below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp)  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise InputError(what, f"image too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(what, f"not a readable image ({exc})") from None
+
+
+def load_image(src: Any, max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Image.Image:
+    """Return ``src`` (PIL image, path or bytes) as a fully decoded RGB PIL image."""
+    what = f"image {describe_source(src)}"
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        img = _open_source(src, what)
+        width, height = img.size
+        if width * height > max_decode_pixels:
+            if img.format == "JPEG":
+                scale = (max_decode_pixels / (width * height)) ** 0.5
+                img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+            if img.size[0] * img.size[1] > max_decode_pixels:
+                raise InputError(
+                    what,
+                    f"image is {width}x{height} = {width * height:,} pixels, above the decode "
+                    f"limit of {max_decode_pixels:,}; downscale it or raise max_decode_pixels",
+                )
+            logger.info("decoding %s at reduced scale %s", what, img.size)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InputError(what, f"truncated or corrupt image data ({exc})") from None
+    if img.size[0] == 0 or img.size[1] == 0:
+        raise InputError(what, f"image has no pixels ({img.size[0]}x{img.size[1]})")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def uniform_indices(total: int, num: int) -> list[int]:
+    """``num`` frame indices spread evenly over ``total`` frames, first and last included."""
+    if total <= 0:
+        return []
+    if total <= num:
+        return list(range(total))
+    return [int(round(x)) for x in np.linspace(0, total - 1, num)]
+
+
+def load_video(
+    src: Any,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    start: float | None = None,
+    end: float | None = None,
+    max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
+) -> list[Image.Image]:
+    """Return ``num_frames`` uniformly sampled RGB frames of a video.
+
+    ``src`` is a video file (read with decord; ``start``/``end`` in seconds select a clip),
+    a sequence of frames (PIL images, paths or bytes), or a uint8 array (T, H, W, 3).
+    Sequences longer than ``num_frames`` are sampled uniformly too.
+    """
+    what = f"video {describe_source(src)}"
+    if isinstance(src, (str, os.PathLike)):
+        return _read_video_file(Path(src), what, num_frames, start, end, max_decode_pixels)
+    if isinstance(src, np.ndarray):
+        if src.ndim != 4 or src.shape[-1] != 3:
+            raise InputError(what, f"expected a (T, H, W, 3) array, got shape {src.shape}")
+        frames: Sequence[Any] = [Image.fromarray(np.ascontiguousarray(f).astype(np.uint8)) for f in src]
+    elif isinstance(src, (list, tuple)):
+        frames = src
+    else:
+        raise InputError(what, f"unsupported video type {type(src).__name__}")
+    if len(frames) == 0:
+        raise InputError(what, "video has zero frames")
+    picked = [frames[i] for i in uniform_indices(len(frames), num_frames)]
+    out = []
+    for i, frame in enumerate(picked):
+        try:
+            out.append(load_image(frame, max_decode_pixels))
+        except InputError as exc:
+            raise InputError(what, f"frame {i}: {exc.reason}") from None
+    return out
+
+
+def _read_video_file(
+    path: Path, what: str, num_frames: int, start: float | None, end: float | None,
+    max_decode_pixels: int,
+) -> list[Image.Image]:
+    if not path.exists():
+        raise InputError(what, "file not found")
+    if path.stat().st_size == 0:
+        raise InputError(what, "file is empty (0 bytes)")
+    try:
+        import decord
+    except ImportError:
+        raise InputError(what, "reading video files needs decord (pip install decord)") from None
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        total = len(reader)
+        if total == 0:
+            raise InputError(what, "video has zero frames")
+        height, width = reader[0].shape[:2]
+        if height * width > max_decode_pixels:
+            scale = (max_decode_pixels / (height * width)) ** 0.5
+            reader = decord.VideoReader(
+                str(path), ctx=decord.cpu(0), num_threads=1,
+                width=max(2, int(width * scale)), height=max(2, int(height * scale)),
+            )
+        first, last = 0, total - 1
+        if start is not None or end is not None:
+            fps = reader.get_avg_fps()
+            first = max(0, int(round((start or 0.0) * fps)))
+            last = min(total - 1, int(round(end * fps)) if end is not None else total - 1)
+            if last < first:
+                raise InputError(what, f"clip {start}-{end}s holds no frames (video has {total / fps:.2f}s)")
+        indices = [first + i for i in uniform_indices(last - first + 1, num_frames)]
+        batch = reader.get_batch(indices).asnumpy()  # (T, H, W, 3) uint8
+    except InputError:
+        raise
+    except Exception as exc:  # decord raises its own DECORDError and RuntimeErrors
+        raise InputError(what, f"cannot decode video ({type(exc).__name__}: {exc})") from None
+    return [Image.fromarray(frame) for frame in batch]
+
+
+def blank_image() -> Image.Image:
+    """The white 28x28 image UME-R1 attaches to text-only inputs."""
+    return Image.new("RGB", (28, 28), (255, 255, 255))

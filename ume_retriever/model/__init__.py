@@ -1,0 +1,1 @@
+"""Checkpoint loading, the UME-R1 prompt, the encoder and its generation backends."""

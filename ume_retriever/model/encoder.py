@@ -1,0 +1,280 @@
+"""``UMEEncoder``: discriminative and generative UME-R1 embeddings from a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Literal, Sequence, overload
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..inputs.item import InputLike, Item, as_item
+from ..inputs.media import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_NUM_FRAMES
+from ..results import EncodeResult, GenOutcome, GenSample
+from .backends import BatchOutput, GenerationBackend, SamplingParams, TransformersBackend
+from .preprocess import InputPreparer, PreparedInput
+from .tokens import UMETokenIds, resolve_token_ids
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["disc", "gen", "both"]
+Output = Literal["numpy", "list"]
+# RL rollouts were at most 2048 new tokens; the paper's evaluation allowed up to 8192.
+DEFAULT_MAX_NEW_TOKENS = 2048
+_SINGLE_TYPES = (Item, str, bytes, bytearray, dict, os.PathLike)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class UMEEncoder:
+    """Encodes text, images, videos and mixes into UME-R1 disc and gen vectors.
+
+    Build it with :meth:`from_pretrained`. ``encode`` batches inputs by length, isolates bad
+    inputs (an error on that input's result, never a lost batch) and returns one
+    :class:`~ume_retriever.results.EncodeResult` per input, in input order.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        name_or_path: str = "<in-memory>",
+        revision: str | None = None,
+        batch_size: int = 8,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_input_tokens: int | None = None,
+        num_video_frames: int = DEFAULT_NUM_FRAMES,
+        blank_image_for_text: bool = True,
+        max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
+        backend: GenerationBackend | None = None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.name_or_path = name_or_path
+        self.revision = revision
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.token_ids: UMETokenIds = resolve_token_ids(
+            processor.tokenizer, getattr(model, "generation_config", None), name_or_path
+        )
+        text_config = getattr(model.config, "text_config", model.config)
+        if max_input_tokens is None:
+            max_input_tokens = int(text_config.max_position_embeddings) - max_new_tokens
+        self.preparer = InputPreparer(
+            processor,
+            self.token_ids,
+            max_input_tokens=max_input_tokens,
+            num_video_frames=num_video_frames,
+            blank_image_for_text=blank_image_for_text,
+            max_decode_pixels=max_decode_pixels,
+        )
+        self.backend: GenerationBackend = backend or TransformersBackend(model, processor, self.token_ids)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = "sdpa",
+        revision: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        **encoder_kwargs: Any,
+    ) -> "UMEEncoder":
+        """Load a UME-R1 checkpoint: a hub name (e.g. ``zhibinlan/UME-R1-2B``) or a local directory.
+
+        ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU. ``min_pixels``/``max_pixels``
+        override the processor's image caps (the paper evaluates with max 2,359,296).
+        Other keyword arguments go to the constructor (batch_size, max_new_tokens, ...).
+        Weights load from safetensors only and remote code is never trusted.
+        """
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        source = os.fspath(name_or_path)
+        device = torch.device(device) if device is not None else _default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            revision=revision,
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+        model.to(device).eval()
+        processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
+        processor.tokenizer.padding_side = "left"
+        set_pixel_caps(processor, min_pixels, max_pixels)
+        logger.info("loaded %s on %s (%s, %s)", source, device, dtype, attn_implementation)
+        return cls(model, processor, name_or_path=source, revision=revision, **encoder_kwargs)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of both the disc and the gen vectors (the LLM hidden size)."""
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        return int(text_config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare(self, item: InputLike) -> PreparedInput:
+        """The tokenised prompt and vision tensors for one input (raises ``InputError``)."""
+        return self.preparer.prepare(as_item(item))
+
+    @overload
+    def encode(self, inputs: InputLike, mode: Mode = ..., **kwargs: Any) -> EncodeResult: ...
+    @overload
+    def encode(self, inputs: Sequence[InputLike], mode: Mode = ..., **kwargs: Any) -> list[EncodeResult]: ...
+
+    def encode(
+        self,
+        inputs: InputLike | Sequence[InputLike],
+        mode: Mode = "disc",
+        *,
+        batch_size: int | None = None,
+        output: Output = "numpy",
+        show_progress: bool = False,
+        num_samples: int = 1,
+        do_sample: bool | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> EncodeResult | list[EncodeResult]:
+        """Embed inputs. One input in gives one result; a sequence gives a list, in order.
+
+        mode: "disc" (one forward pass), "gen" (reason, then embed) or "both".
+        Gen decoding is greedy unless ``do_sample`` (default: True when ``num_samples > 1``);
+        sampling uses ``temperature``/``top_p``/``seed``. ``output="list"`` gives python floats.
+        """
+        single = isinstance(inputs, _SINGLE_TYPES) or hasattr(inputs, "convert")
+        batch_inputs: Sequence[Any] = [inputs] if single else list(inputs)  # type: ignore[arg-type]
+        sampling = self._sampling(mode, num_samples, do_sample, temperature, top_p, seed, max_new_tokens)
+        results = [EncodeResult(index=i) for i in range(len(batch_inputs))]
+        prepared: dict[int, PreparedInput] = {}
+        for i, value in enumerate(batch_inputs):
+            try:
+                prepared[i] = self.preparer.prepare(as_item(value))
+            except InputError as exc:
+                results[i].error = exc.at(i)
+                logger.warning("skipping %s", results[i].error)
+        want_disc = mode in ("disc", "both")
+        for indices in self._batches(prepared, batch_size or self.batch_size, show_progress):
+            self._run_isolated(indices, prepared, want_disc, sampling, results, output)
+        for i, p in prepared.items():
+            results[i].truncated = p.truncated
+            results[i].warnings.extend(p.warnings)
+        return results[0] if single else results
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _sampling(
+        self, mode: str, num_samples: int, do_sample: bool | None, temperature: float,
+        top_p: float, seed: int | None, max_new_tokens: int | None,
+    ) -> SamplingParams | None:
+        if mode not in ("disc", "gen", "both"):
+            raise ValueError(f"mode must be 'disc', 'gen' or 'both', got {mode!r}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if do_sample is None:
+            do_sample = num_samples > 1
+        if num_samples > 1 and not do_sample:
+            raise ValueError("num_samples > 1 needs do_sample=True (greedy decoding gives one chain)")
+        if mode == "disc":
+            return None
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            num_samples=num_samples,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+
+    def _batches(
+        self, prepared: dict[int, PreparedInput], batch_size: int, show_progress: bool
+    ) -> Iterable[list[int]]:
+        """Longest first (as sentence-transformers does): padding stays small, OOM shows early."""
+        from tqdm.auto import tqdm
+
+        order = sorted(prepared, key=lambda i: -len(prepared[i]))
+        with tqdm(total=len(order), desc="encoding", unit="input", disable=not show_progress) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                yield chunk
+                bar.update(len(chunk))
+
+    def _run_isolated(
+        self, indices: list[int], prepared: dict[int, PreparedInput], want_disc: bool,
+        sampling: SamplingParams | None, results: list[EncodeResult], output: Output,
+    ) -> None:
+        """Run one batch; if it fails, retry its inputs one by one so only the culprit fails."""
+        try:
+            with torch.inference_mode():
+                out = self.backend.run([prepared[i] for i in indices], want_disc, sampling)
+        except Exception as exc:  # noqa: BLE001 - any model failure is isolated per input
+            if len(indices) == 1:
+                what = f"input {indices[0]}"
+                results[indices[0]].error = InputError(what, f"the model failed on it ({type(exc).__name__}: {exc})", indices[0])
+                logger.warning("%s", results[indices[0]].error)
+                return
+            logger.warning("batch of %d failed (%s); retrying its inputs one by one", len(indices), exc)
+            for i in indices:
+                self._run_isolated([i], prepared, want_disc, sampling, results, output)
+            return
+        self._fill(indices, out, results, output)
+
+    def _fill(self, indices: list[int], out: BatchOutput, results: list[EncodeResult], output: Output) -> None:
+        def convert(v: torch.Tensor) -> Any:
+            arr = F.normalize(v.float(), dim=-1).numpy().astype(np.float32)
+            return arr.tolist() if output == "list" else arr
+
+        for row, i in enumerate(indices):
+            res = results[i]
+            if out.disc is not None:
+                res.disc = convert(out.disc[row])
+            if out.gen is not None:
+                res.samples = [
+                    GenSample(
+                        vector=convert(s.state),
+                        reasoning=self.backend.decode(s.token_ids),
+                        outcome=GenOutcome.OK if s.found_gen_emb else GenOutcome.NO_GEN_EMB,
+                        num_tokens=s.num_tokens,
+                    )
+                    for s in out.gen[row]
+                ]
+                first = res.samples[0]
+                res.gen, res.reasoning, res.gen_outcome = first.vector, first.reasoning, first.outcome
+                if first.fallback:
+                    res.warnings.append(
+                        f"no <gen_emb> in the completion ({first.num_tokens} tokens): gen vector "
+                        "taken from the last generated step (reference fallback)"
+                    )
+
+
+def set_pixel_caps(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Override the image/video processors' pixel caps (both spellings transformers uses)."""
+    for sub in (getattr(processor, "image_processor", None), getattr(processor, "video_processor", None)):
+        if sub is None:
+            continue
+        size = dict(getattr(sub, "size", None) or {})
+        if min_pixels is not None:
+            sub.min_pixels = min_pixels
+            size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            sub.max_pixels = max_pixels
+            size["longest_edge"] = max_pixels
+        if size:
+            sub.size = size

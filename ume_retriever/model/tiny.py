@@ -1,0 +1,214 @@
+"""Build a tiny, random UME-R1 checkpoint in the published layout, offline and deterministic.
+
+The directory holds what ``zhibinlan/UME-R1-2B`` holds: a Qwen2-VL ``config.json`` and
+safetensors weights, ``generation_config.json``, a byte-level BPE Qwen2 tokenizer whose added
+tokens come in Qwen2-VL's order followed by ``<gen_emb>`` and ``<disc_emb>``, the Qwen2-VL chat
+template, and the image/video processor configs. Tests, demos and ``ume_train`` load it through
+the same ``from_pretrained`` path a downloaded checkpoint takes.
+
+    ume-build-tiny ./tiny-ume --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from .prompt import DISC_TOKEN, GEN_TOKEN, GENERATION_PROMPT, NEW_TOKEN_INIT_SOURCES, SYSTEM_MESSAGE
+
+logger = logging.getLogger(__name__)
+
+# Qwen2-VL's added tokens, in id order (151643..151656 in the real vocabulary); UME-R1 appends
+# <gen_emb> then <disc_emb> (151657, 151658).
+QWEN2VL_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+UME_TOKENS = [GEN_TOKEN, DISC_TOKEN]
+
+# Words the tiny tokenizer learns merges for: the prompt, the output format, and the
+# vocabulary of ume_train's synthetic shape scenes.
+_CORPUS = [
+    SYSTEM_MESSAGE,
+    GENERATION_PROMPT,
+    "<think> The input shows a red circle in the top left. </think><answer> red circle </answer>",
+    "Find a document image that matches the given query: Represent the given image.",
+    "red green blue yellow purple orange black white gray circle square triangle star",
+    "small large big tiny left right top bottom center middle above below next to moving",
+    "a photo of one two three four five six seven eight nine ten shapes scene page video",
+    "0123456789 .,;:!?'\"()[]{}<>-_/\\|@#$%^&*+=~` \n\t",
+    "the quick brown fox jumps over the lazy dog THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
+]
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Sizes of the random model. The defaults build a ~0.2M-parameter model in ~0.2 s."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vision_depth: int = 1
+    vision_embed_dim: int = 32
+    vision_num_heads: int = 2
+    bpe_vocab_size: int = 512
+    max_position_embeddings: int = 32768
+    # Processor pixel caps: tiny images keep test sequences short (4..16 visual tokens).
+    min_pixels: int = 56 * 56
+    max_pixels: int = 112 * 112
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer)
+    model_json = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model_json["vocab"],
+        merges=merges,
+        errors="replace",
+        unk_token=None,
+        bos_token=None,
+        eos_token=None,
+        pad_token=None,
+        model_max_length=32768,
+        padding_side="left",
+    )
+    # Added in Qwen2-VL's id order first, then the UME tokens; roles are assigned afterwards
+    # so that naming eos/pad does not reorder the ids.
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in QWEN2VL_SPECIAL_TOKENS + UME_TOKENS],
+        special_tokens=True,
+    )
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
+def chat_template() -> str:
+    """The Qwen2-VL chat template (shipped as a file next to this module)."""
+    return resources.files(__package__).joinpath("chat_template.jinja").read_text()
+
+
+def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec | None = None) -> Path:
+    """Write a random UME-R1 checkpoint to ``path`` (created) and return the path.
+
+    Deterministic for ``seed`` and ``spec``: the same arguments give identical weights.
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    spec = spec or TinyModelSpec()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(spec.bpe_vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS + UME_TOKENS}
+    # Like Qwen2-VL's 151936 rows for 151659 tokens: the embedding table is padded.
+    vocab_size = ((len(tokenizer) + 63) // 64) * 64
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    half = head_dim // 2  # mrope_section splits head_dim/2 over (temporal, height, width)
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            embed_dim=spec.vision_embed_dim,
+            hidden_size=spec.hidden_size,  # the merger's output = the LLM width
+            num_heads=spec.vision_num_heads,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the paper's initialisation of the two new tokens
+        emb = model.get_input_embeddings().weight
+        for new, source in NEW_TOKEN_INIT_SOURCES.items():
+            emb[ids[new]] = emb[ids[source]]
+    # Qwen2-VL-Instruct's generation config (top_k=1: effectively greedy).
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        do_sample=True,
+        temperature=0.01,
+        top_p=0.001,
+        top_k=1,
+        repetition_penalty=1.05,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+
+    # The published checkpoints (saved by transformers 4.x) keep each component in its own
+    # file: preprocessor_config.json, tokenizer files, chat_template.json; no processor_config.json.
+    Qwen2VLImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template()}, indent=2))
+    (path / "ume_tiny_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny random UME-R1 checkpoint (offline).")
+    parser.add_argument("path", help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=TinyModelSpec.hidden_size)
+    parser.add_argument("--layers", type=int, default=TinyModelSpec.num_hidden_layers)
+    parser.add_argument("--vision-depth", type=int, default=TinyModelSpec.vision_depth)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = TinyModelSpec(
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        vision_depth=args.vision_depth,
+    )
+    t0 = time.perf_counter()
+    out = build_tiny_checkpoint(args.path, seed=args.seed, spec=spec)
+    logger.info("built %s in %.2fs", out, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""UME-R1 trainers."""
