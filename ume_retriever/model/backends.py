@@ -7,7 +7,7 @@ implements the same protocol behind the ``vllm`` extra.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -18,7 +18,7 @@ from .tokens import UMETokenIds
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingParams:
     """How to decode the reasoning. Greedy unless ``do_sample``."""
 
@@ -28,6 +28,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # Extra keyword arguments for the backend's generate call (e.g. a transformers
+    # ``logits_processor`` for constrained decoding).
+    generation_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,7 +151,7 @@ class TransformersBackend:
         if sampling.do_sample:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
-            kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=0)
+            kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)  # neutral values
         return GenerationConfig(**kwargs)
 
     def _generate(self, batch: list[PreparedInput], want_disc: bool, sampling: SamplingParams) -> BatchOutput:
@@ -164,7 +167,7 @@ class TransformersBackend:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             with _LastLayerRecorder(self.norm, gather) as rec:
-                sequences = self.model.generate(**inputs, generation_config=config)
+                sequences = self.model.generate(**inputs, generation_config=config, **sampling.generation_kwargs)
         generated = sequences[:, prompt_len:].cpu()  # (B*k, T)
         steps = len(rec.steps)
         samples: list[RawGenSample] = []

@@ -152,16 +152,20 @@ class UMEEncoder:
         top_p: float = 1.0,
         seed: int | None = None,
         max_new_tokens: int | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
     ) -> EncodeResult | list[EncodeResult]:
         """Embed inputs. One input in gives one result; a sequence gives a list, in order.
 
         mode: "disc" (one forward pass), "gen" (reason, then embed) or "both".
         Gen decoding is greedy unless ``do_sample`` (default: True when ``num_samples > 1``);
-        sampling uses ``temperature``/``top_p``/``seed``. ``output="list"`` gives python floats.
+        sampling uses ``temperature``/``top_p``/``seed``. ``generation_kwargs`` go to the
+        backend's generate call (e.g. ``logits_processor``). ``output="list"`` gives python floats.
         """
         single = isinstance(inputs, _SINGLE_TYPES) or hasattr(inputs, "convert")
         batch_inputs: Sequence[Any] = [inputs] if single else list(inputs)  # type: ignore[arg-type]
         sampling = self._sampling(mode, num_samples, do_sample, temperature, top_p, seed, max_new_tokens)
+        if sampling is not None and generation_kwargs:
+            sampling.generation_kwargs = dict(generation_kwargs)
         results = [EncodeResult(index=i) for i in range(len(batch_inputs))]
         prepared: dict[int, PreparedInput] = {}
         for i, value in enumerate(batch_inputs):
