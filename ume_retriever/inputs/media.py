@@ -64,7 +64,9 @@ def load_image(src: Any, max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> 
         width, height = img.size
         if width * height > max_decode_pixels:
             if img.format == "JPEG":
-                scale = (max_decode_pixels / (width * height)) ** 0.5
+                # draft() picks the smallest 1/2^n scale at least as large as asked: asking for
+                # half the target per side lands in [target/2, target), i.e. within the limit.
+                scale = 0.5 * (max_decode_pixels / (width * height)) ** 0.5
                 img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
             if img.size[0] * img.size[1] > max_decode_pixels:
                 raise InputError(
