@@ -53,17 +53,23 @@ class UMEEncoder:
         blank_image_for_text: bool = True,
         max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
         backend: GenerationBackend | None = None,
+        config: Any = None,
+        generation_config: Any = None,
     ):
+        """``model`` may be None when a ``backend`` that holds its own model is given (vLLM);
+        ``config``/``generation_config`` then describe the checkpoint."""
+        if model is None and backend is None:
+            raise ValueError("UMEEncoder needs a model or a backend")
         self.model = model
         self.processor = processor
         self.name_or_path = name_or_path
         self.revision = revision
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.token_ids: UMETokenIds = resolve_token_ids(
-            processor.tokenizer, getattr(model, "generation_config", None), name_or_path
-        )
-        text_config = getattr(model.config, "text_config", model.config)
+        self.config = config if config is not None else model.config
+        self.generation_config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+        self.token_ids: UMETokenIds = resolve_token_ids(processor.tokenizer, self.generation_config, name_or_path)
+        text_config = getattr(self.config, "text_config", self.config)
         if max_input_tokens is None:
             max_input_tokens = int(text_config.max_position_embeddings) - max_new_tokens
         self.preparer = InputPreparer(
@@ -87,6 +93,8 @@ class UMEEncoder:
         revision: str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        backend: Literal["transformers", "vllm"] = "transformers",
+        vllm_kwargs: dict[str, Any] | None = None,
         **encoder_kwargs: Any,
     ) -> "UMEEncoder":
         """Load a UME-R1 checkpoint: a hub name (e.g. ``zhibinlan/UME-R1-2B``) or a local directory.
@@ -95,10 +103,37 @@ class UMEEncoder:
         override the processor's image caps (the paper evaluates with max 2,359,296).
         Other keyword arguments go to the constructor (batch_size, max_new_tokens, ...).
         Weights load from safetensors only and remote code is never trusted.
+        ``backend="vllm"`` (experimental, ``vllm`` extra) runs generation and pooling in vLLM
+        engines built with ``vllm_kwargs``; no transformers weights are loaded then.
         """
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
 
         source = os.fspath(name_or_path)
+        if backend == "vllm":
+            from .vllm_backend import VLLMBackend
+
+            processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
+            processor.tokenizer.padding_side = "left"
+            set_pixel_caps(processor, min_pixels, max_pixels)
+            config = AutoConfig.from_pretrained(source, revision=revision)
+            gen_config = GenerationConfig.from_pretrained(source, revision=revision)
+            token_ids = resolve_token_ids(processor.tokenizer, gen_config, source)
+            kwargs = dict(vllm_kwargs or {})
+            if dtype is not None:
+                kwargs.setdefault("dtype", str(dtype).replace("torch.", ""))
+            if revision is not None:
+                kwargs.setdefault("revision", revision)
+            mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+            if mm_kwargs:
+                kwargs.setdefault("mm_processor_kwargs", mm_kwargs)
+            vllm_backend = VLLMBackend(
+                source, processor.tokenizer, token_ids,
+                repetition_penalty=getattr(gen_config, "repetition_penalty", None) or 1.0, **kwargs,
+            )
+            return cls(None, processor, name_or_path=source, revision=revision, backend=vllm_backend,
+                       config=config, generation_config=gen_config, **encoder_kwargs)
+        if backend != "transformers":
+            raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -122,11 +157,13 @@ class UMEEncoder:
     @property
     def embedding_dim(self) -> int:
         """Size of both the disc and the gen vectors (the LLM hidden size)."""
-        text_config = getattr(self.model.config, "text_config", self.model.config)
+        text_config = getattr(self.config, "text_config", self.config)
         return int(text_config.hidden_size)
 
     @property
     def device(self) -> torch.device:
+        if self.model is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return next(self.model.parameters()).device
 
     def prepare(self, item: InputLike) -> PreparedInput:
@@ -269,16 +306,20 @@ class UMEEncoder:
 
 
 def set_pixel_caps(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Override the image/video processors' pixel caps (both spellings transformers uses)."""
+    """Override the image/video processors' pixel caps (``size`` shortest/longest edge, in pixels)."""
+    if min_pixels is None and max_pixels is None:
+        return
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}")
     for sub in (getattr(processor, "image_processor", None), getattr(processor, "video_processor", None)):
-        if sub is None:
+        if sub is None or getattr(sub, "size", None) is None:
             continue
-        size = dict(getattr(sub, "size", None) or {})
+        size = {k: v for k, v in dict(sub.size).items() if v is not None}
         if min_pixels is not None:
-            sub.min_pixels = min_pixels
             size["shortest_edge"] = min_pixels
         if max_pixels is not None:
-            sub.max_pixels = max_pixels
             size["longest_edge"] = max_pixels
-        if size:
+        try:
+            sub.size = type(sub.size)(**size)
+        except TypeError:
             sub.size = size

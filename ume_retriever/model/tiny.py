@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .prompt import DISC_TOKEN, GEN_TOKEN, GENERATION_PROMPT, NEW_TOKEN_INIT_SOURCES, SYSTEM_MESSAGE
 
@@ -59,7 +60,10 @@ class TinyModelSpec:
     vision_depth: int = 1
     vision_embed_dim: int = 32
     vision_num_heads: int = 2
+    vision_mlp_ratio: int = 2
     bpe_vocab_size: int = 512
+    vocab_size: int | None = None  # embedding rows; None: the tokenizer's size rounded up to 64
+    tie_word_embeddings: bool = True  # as Qwen2-VL-2B
     max_position_embeddings: int = 32768
     # Processor pixel caps: tiny images keep test sequences short (4..16 visual tokens).
     min_pixels: int = 56 * 56
@@ -108,30 +112,19 @@ def chat_template() -> str:
     return resources.files(__package__).joinpath("chat_template.jinja").read_text()
 
 
-def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec | None = None) -> Path:
-    """Write a random UME-R1 checkpoint to ``path`` (created) and return the path.
+def _mrope_section(head_dim: int) -> list[int]:
+    half = head_dim // 2  # mrope_section splits head_dim/2 over (temporal, height, width)
+    return [half - 2 * (half // 3), half // 3, half // 3]
 
-    Deterministic for ``seed`` and ``spec``: the same arguments give identical weights.
-    """
-    import torch
-    from transformers import (
-        GenerationConfig,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-    )
 
-    spec = spec or TinyModelSpec()
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(spec.bpe_vocab_size)
+def make_config(spec: TinyModelSpec, tokenizer: Any) -> Any:
+    """A ``Qwen2VLConfig`` of the given sizes whose special ids come from ``tokenizer``."""
+    from transformers import Qwen2VLConfig
+
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS + UME_TOKENS}
     # Like Qwen2-VL's 151936 rows for 151659 tokens: the embedding table is padded.
-    vocab_size = ((len(tokenizer) + 63) // 64) * 64
-    head_dim = spec.hidden_size // spec.num_attention_heads
-    half = head_dim // 2  # mrope_section splits head_dim/2 over (temporal, height, width)
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]
-    config = Qwen2VLConfig(
+    vocab_size = spec.vocab_size or ((len(tokenizer) + 63) // 64) * 64
+    return Qwen2VLConfig(
         text_config=dict(
             vocab_size=vocab_size,
             hidden_size=spec.hidden_size,
@@ -140,18 +133,22 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec |
             num_attention_heads=spec.num_attention_heads,
             num_key_value_heads=spec.num_key_value_heads,
             max_position_embeddings=spec.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": _mrope_section(spec.hidden_size // spec.num_attention_heads),
+            },
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
+            tie_word_embeddings=spec.tie_word_embeddings,
         ),
         vision_config=dict(
             depth=spec.vision_depth,
             embed_dim=spec.vision_embed_dim,
             hidden_size=spec.hidden_size,  # the merger's output = the LLM width
             num_heads=spec.vision_num_heads,
-            mlp_ratio=2,
+            mlp_ratio=spec.vision_mlp_ratio,
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
@@ -160,34 +157,85 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec |
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # the paper's initialisation of the two new tokens
-        emb = model.get_input_embeddings().weight
-        for new, source in NEW_TOKEN_INIT_SOURCES.items():
-            emb[ids[new]] = emb[ids[source]]
-    # Qwen2-VL-Instruct's generation config (top_k=1: effectively greedy).
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+
+
+def make_generation_config(tokenizer: Any) -> Any:
+    """Qwen2-VL-Instruct's generation config (top_k=1: effectively greedy)."""
+    from transformers import GenerationConfig
+
+    end, text_end = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return GenerationConfig(
+        bos_token_id=text_end,
+        pad_token_id=text_end,
+        eos_token_id=[end, text_end],
         do_sample=True,
         temperature=0.01,
         top_p=0.001,
         top_k=1,
         repetition_penalty=1.05,
     )
-    model.save_pretrained(path, safe_serialization=True)
 
+
+def build_random_model(
+    seed: int = 0, spec: TinyModelSpec | None = None, *, device: Any = None, dtype: Any = None
+) -> tuple[Any, Any]:
+    """A random UME-R1 model and its processor, in memory (``(model, processor)``).
+
+    Benchmarks use it for large shapes (see :func:`qwen2vl_2b_spec`) without writing weights.
+    """
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    spec = spec or TinyModelSpec()
+    tokenizer = _train_tokenizer(spec.bpe_vocab_size)
+    config = make_config(spec, tokenizer)
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = Qwen2VLForConditionalGeneration(config)
+    model = model.to(dtype=dtype or torch.float32).eval()
+    with torch.no_grad():  # the paper's initialisation of the two new tokens
+        emb = model.get_input_embeddings().weight
+        for new, source in NEW_TOKEN_INIT_SOURCES.items():
+            emb[tokenizer.convert_tokens_to_ids(new)] = emb[tokenizer.convert_tokens_to_ids(source)]
+    model.generation_config = make_generation_config(tokenizer)
+    caps = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**caps),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**caps),
+        chat_template=chat_template(),
+    )
+    return model, processor
+
+
+def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec | None = None) -> Path:
+    """Write a random UME-R1 checkpoint to ``path`` (created) and return the path.
+
+    Deterministic for ``seed`` and ``spec``: the same arguments give identical files.
+    """
+    spec = spec or TinyModelSpec()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model, processor = build_random_model(seed, spec)
+    model.save_pretrained(path, safe_serialization=True)
     # The published checkpoints (saved by transformers 4.x) keep each component in its own
     # file: preprocessor_config.json, tokenizer files, chat_template.json; no processor_config.json.
-    Qwen2VLImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
     (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template()}, indent=2))
     (path / "ume_tiny_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2))
     return path
+
+
+def qwen2vl_2b_spec() -> TinyModelSpec:
+    """The shapes of Qwen2-VL-2B (UME-R1-2B): for benchmarks on random weights."""
+    return TinyModelSpec(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vision_depth=32, vision_embed_dim=1280, vision_num_heads=16,
+        vision_mlp_ratio=4, vocab_size=151936, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
