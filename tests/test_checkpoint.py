@@ -97,3 +97,50 @@ def test_import_is_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_pixel_caps_override(tiny_ckpt):
+    from PIL import Image
+
+    from ume_retriever import Item
+
+    big = Image.new("RGB", (600, 600))
+    default = UMEEncoder.from_pretrained(tiny_ckpt, device="cpu")
+    capped = UMEEncoder.from_pretrained(tiny_ckpt, device="cpu", max_pixels=56 * 56, min_pixels=28 * 28)
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    for enc, lo, hi in ((default, 56 * 56, 112 * 112), (capped, 28 * 28, 56 * 56)):
+        h, w = smart_resize(600, 600, factor=28, min_pixels=lo, max_pixels=hi)
+        assert enc.prepare(Item(image=big)).vision["image_grid_thw"].tolist() == [[1, h // 14, w // 14]]
+    assert capped.prepare(Item(image=big)).vision["image_grid_thw"].prod() < default.prepare(Item(image=big)).vision["image_grid_thw"].prod()
+    with pytest.raises(ValueError, match="min_pixels"):
+        UMEEncoder.from_pretrained(tiny_ckpt, device="cpu", max_pixels=100, min_pixels=1000)
+
+
+def test_checkpoint_trains_and_round_trips(tmp_path, tiny_ckpt):
+    """What ume_train does with it: load for training, step, save; the encoder reloads it."""
+    import shutil
+
+    import numpy as np
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    model.train()
+    enc0 = UMEEncoder.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
+    prepared = enc0.prepare("a training example")
+    ids = prepared.input_ids[None]
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=prepared.mm_token_type_ids[None],
+                  **prepared.vision)
+    loss = model(**inputs, labels=ids).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    out = tmp_path / "trained"
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+                 "generation_config.json"):
+        shutil.copy(tiny_ckpt / name, out / name)
+    enc1 = UMEEncoder.from_pretrained(out, device="cpu", dtype=torch.float32)
+    in_memory = UMEEncoder(model.eval(), enc0.processor)
+    v1, v_mem, v0 = enc1.encode("query"), in_memory.encode("query"), enc0.encode("query")
+    np.testing.assert_allclose(v1.disc, v_mem.disc, atol=1e-6)
+    assert not np.allclose(v1.disc, v0.disc, atol=1e-3)

@@ -78,3 +78,12 @@ def test_bad_mode_and_sampling_arguments(encoder):
         encoder.encode("x", mode="fast")
     with pytest.raises(ValueError, match="do_sample"):
         encoder.encode("x", mode="gen", num_samples=2, do_sample=False)
+
+
+def test_single_input_gives_single_result_and_json_view(encoder):
+    r = encoder.encode("alone")
+    assert not isinstance(r, list) and r.index == 0
+    d = r.as_dict()
+    assert isinstance(d["disc"], list) and d["gen"] is None and d["error"] is None
+    many = encoder.encode(["alone"])
+    assert isinstance(many, list) and len(many) == 1

@@ -75,6 +75,10 @@ class InputPreparer:
         self.num_video_frames = num_video_frames
         self.blank_image_for_text = blank_image_for_text
         self.max_decode_pixels = max_decode_pixels
+        video_processor = getattr(processor, "video_processor", None)
+        if getattr(video_processor, "cap_pixels_per_frame", False) is None:
+            # Newer transformers ask: bound each frame like qwen-vl-utils (the reference) does.
+            video_processor.cap_pixels_per_frame = True
 
     def prepare(self, item: Item) -> PreparedInput:
         """Raise ``InputError`` (naming the input) when the item cannot be encoded."""
