@@ -15,6 +15,8 @@ it by hand runs) and with inputs prepared beforehand (the model call alone).
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
 import gc
 import json
 import os
@@ -49,17 +51,29 @@ def make_inputs(n: int, page_size: int) -> list[Item]:
     return items
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 class PeakMemory:
-    """Peak extra memory during a block: CUDA allocator on GPU, sampled RSS on CPU."""
+    """Peak extra memory in use during a block.
+
+    CUDA: the caching allocator's peak. CPU: glibc's bytes in use (``mallinfo2``: heap chunks
+    in use + mmapped chunks; torch's CPU tensors live there), sampled by a thread. Unlike RSS
+    it does not count memory freed but kept by the allocator.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
+        if device.type != "cuda":
+            self._libc = ctypes.CDLL("libc.so.6")
+            self._libc.mallinfo2.restype = _MallInfo2
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def _in_use(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
@@ -68,14 +82,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            self.start = self._rss()
+            self.start = self._in_use()
             self._stop = False
             self._max = self.start
 
             def sample() -> None:
                 while not self._stop:
-                    self._max = max(self._max, self._rss())
-                    time.sleep(0.0005)
+                    self._max = max(self._max, self._in_use())
+                    time.sleep(0.0002)
 
             self._thread = threading.Thread(target=sample, daemon=True)
             self._thread.start()
@@ -132,9 +146,11 @@ def main() -> None:
 
     pre = [processed(b) for b in batches]
     gen_cfg = enc.backend._generation_config(enc._sampling("gen", 1, None, 1.0, 1.0, None, args.new_tokens))
-    # Force every row to produce exactly new_tokens tokens in every variant: same work.
-    gen_cfg.eos_token_id = None
-    gen_cfg.min_new_tokens = args.new_tokens
+    # Every row of every variant produces exactly new_tokens tokens: the end-of-turn tokens are
+    # suppressed by the same logits processor everywhere (same work per step).
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    no_eos = LogitsProcessorList([SuppressTokensLogitsProcessor(list(enc.token_ids.eos), device=device)])
 
     def sync() -> None:
         if device.type == "cuda":
@@ -152,13 +168,16 @@ def main() -> None:
             for b, inputs in zip(batches, pre):
                 model(**(processed(b) if with_processor else inputs))
 
+    ref_cfg = copy.deepcopy(gen_cfg)
+    ref_cfg.output_hidden_states, ref_cfg.return_dict_in_generate = True, True
+
     def bare_gen(with_processor: bool, reference: bool = False) -> None:
-        extra = dict(output_hidden_states=True, return_dict_in_generate=True) if reference else {}
         with torch.inference_mode():
             for b, inputs in zip(batches, pre):
-                model.generate(**(processed(b) if with_processor else inputs), generation_config=gen_cfg, **extra)
+                model.generate(**(processed(b) if with_processor else inputs),
+                               generation_config=ref_cfg if reference else gen_cfg, logits_processor=no_eos)
 
-    ume_gen_kwargs = dict(min_new_tokens=args.new_tokens, eos_token_id=None)
+    ume_gen_kwargs = dict(logits_processor=no_eos)
     variants = {
         "disc: encode": lambda: enc.encode(items, mode="disc"),
         "disc: bare model(**inputs) incl. processor": lambda: bare_disc(True),
@@ -176,12 +195,16 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     mem = {}
-    for name, fn in [("gen: bare generate", lambda: bare_gen(False)),
+    # Every variant prepares its own inputs inside the measured block (encode always does).
+    for name, fn in [("gen: bare generate", lambda: bare_gen(True)),
                      ("gen: encode", variants["gen: encode"]),
-                     ("gen: reference (output_hidden_states)", lambda: bare_gen(False, reference=True))]:
-        with PeakMemory(device) as pm:
-            fn()
-        mem[name] = pm.peak
+                     ("gen: reference (output_hidden_states)", lambda: bare_gen(True, reference=True))]:
+        peaks = []
+        for _ in range(3):
+            with PeakMemory(device) as pm:
+                fn()
+            peaks.append(pm.peak)
+        mem[name] = statistics.median(peaks)
 
     n_tokens = len(items) * args.new_tokens
     rows = [

@@ -87,3 +87,28 @@ def test_single_input_gives_single_result_and_json_view(encoder):
     assert isinstance(d["disc"], list) and d["gen"] is None and d["error"] is None
     many = encoder.encode(["alone"])
     assert isinstance(many, list) and len(many) == 1
+
+
+def test_inputs_are_prepared_one_batch_at_a_time(encoder):
+    """Memory holds one batch of pixel tensors, not the whole input list."""
+    events = []
+    prepare, run = encoder.preparer.prepare, encoder.backend.run
+    encoder.preparer.prepare = lambda item: events.append("prepare") or prepare(item)
+    encoder.backend.run = lambda batch, *a: events.append(f"run{len(batch)}") or run(batch, *a)
+    try:
+        encoder.encode([f"text number {i}" for i in range(7)], batch_size=3)
+    finally:
+        del encoder.preparer.prepare, encoder.backend.run
+    assert events == ["prepare"] * 3 + ["run3"] + ["prepare"] * 3 + ["run3"] + ["prepare", "run1"]
+
+
+def test_batches_are_sorted_longest_first(encoder):
+    sizes = []
+    run = encoder.backend.run
+    encoder.backend.run = lambda batch, *a: sizes.append([len(p) for p in batch]) or run(batch, *a)
+    try:
+        encoder.encode(["a", "b " * 50, "c " * 10, "d " * 30], batch_size=2)
+    finally:
+        del encoder.backend.run
+    flat = [n for batch in sizes for n in batch]
+    assert flat == sorted(flat, reverse=True)

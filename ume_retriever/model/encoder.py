@@ -204,19 +204,27 @@ class UMEEncoder:
         if sampling is not None and generation_kwargs:
             sampling.generation_kwargs = dict(generation_kwargs)
         results = [EncodeResult(index=i) for i in range(len(batch_inputs))]
-        prepared: dict[int, PreparedInput] = {}
+        items: dict[int, Item] = {}
         for i, value in enumerate(batch_inputs):
             try:
-                prepared[i] = self.preparer.prepare(as_item(value))
+                items[i] = as_item(value)
             except InputError as exc:
-                results[i].error = exc.at(i)
-                logger.warning("skipping %s", results[i].error)
+                self._fail(results[i], exc)
         want_disc = mode in ("disc", "both")
-        for indices in self._batches(prepared, batch_size or self.batch_size, show_progress):
-            self._run_isolated(indices, prepared, want_disc, sampling, results, output)
-        for i, p in prepared.items():
-            results[i].truncated = p.truncated
-            results[i].warnings.extend(p.warnings)
+        # Inputs are fully prepared (decoded, processed) one batch at a time, so memory holds
+        # one batch of pixel tensors whatever the number of inputs; sorting uses cheap estimates.
+        for indices in self._batches(items, batch_size or self.batch_size, show_progress):
+            prepared: dict[int, PreparedInput] = {}
+            for i in indices:
+                try:
+                    prepared[i] = self.preparer.prepare(items[i])
+                except InputError as exc:
+                    self._fail(results[i], exc)
+                    continue
+                results[i].truncated = prepared[i].truncated
+                results[i].warnings.extend(prepared[i].warnings)
+            if prepared:
+                self._run_isolated(list(prepared), prepared, want_disc, sampling, results, output)
         return results[0] if single else results
 
     # -- internals -------------------------------------------------------------------------
@@ -244,13 +252,17 @@ class UMEEncoder:
             seed=seed,
         )
 
-    def _batches(
-        self, prepared: dict[int, PreparedInput], batch_size: int, show_progress: bool
-    ) -> Iterable[list[int]]:
+    @staticmethod
+    def _fail(result: EncodeResult, exc: InputError) -> None:
+        result.error = exc.at(result.index)
+        logger.warning("skipping %s", result.error)
+
+    def _batches(self, items: dict[int, Item], batch_size: int, show_progress: bool) -> Iterable[list[int]]:
         """Longest first (as sentence-transformers does): padding stays small, OOM shows early."""
         from tqdm.auto import tqdm
 
-        order = sorted(prepared, key=lambda i: -len(prepared[i]))
+        lengths = {i: self.preparer.estimate_length(item) for i, item in items.items()}
+        order = sorted(items, key=lambda i: -lengths[i])
         with tqdm(total=len(order), desc="encoding", unit="input", disable=not show_progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]

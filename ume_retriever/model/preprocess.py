@@ -8,7 +8,9 @@ the same batch.
 
 from __future__ import annotations
 
+import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +81,21 @@ class InputPreparer:
         if getattr(video_processor, "cap_pixels_per_frame", False) is None:
             # Newer transformers ask: bound each frame like qwen-vl-utils (the reference) does.
             video_processor.cap_pixels_per_frame = True
+
+    def estimate_length(self, item: Item) -> int:
+        """A cheap guess of the prompt length in tokens, for length-sorted batching only.
+
+        Reads image headers (not pixels); never raises: a bad input gets an estimate too and
+        fails properly when it is prepared.
+        """
+        text = (item.instruction or "") + (item.text or "")
+        tokens = len(text) // 4
+        cap = _pixel_cap(self.processor)
+        for src in item.all_images():
+            tokens += _image_pixels(src, cap) // (28 * 28)
+        if item.video is not None:
+            tokens += self.num_video_frames // 2 * cap // (28 * 28)
+        return tokens
 
     def prepare(self, item: Item) -> PreparedInput:
         """Raise ``InputError`` (naming the input) when the item cannot be encoded."""
@@ -159,6 +176,27 @@ class InputPreparer:
         prepared.truncated = True
         prepared.warnings.append(message)
         return prepared
+
+
+def _pixel_cap(processor: Any) -> int:
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    cap = getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
+    return int(cap or 28 * 28 * 1280)
+
+
+def _image_pixels(src: Any, cap: int) -> int:
+    try:
+        if isinstance(src, Image.Image):
+            width, height = src.size
+        else:
+            fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(fp) as img:  # header only
+                    width, height = img.size
+    except Exception:  # noqa: BLE001 - an estimate only; prepare() reports the real problem
+        return 0
+    return min(width * height, cap)
 
 
 def collate(
