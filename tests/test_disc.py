@@ -110,5 +110,4 @@ def test_batches_are_sorted_longest_first(encoder):
         encoder.encode(["a", "b " * 50, "c " * 10, "d " * 30], batch_size=2)
     finally:
         del encoder.backend.run
-    flat = [n for batch in sizes for n in batch]
-    assert flat == sorted(flat, reverse=True)
+    assert len(sizes) == 2 and min(sizes[0]) > max(sizes[1])  # the two longest share a batch
