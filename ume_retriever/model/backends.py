@@ -77,7 +77,8 @@ class _LastLayerRecorder:
         if not self.steps and self.gather_positions is not None:
             rows = torch.arange(output.shape[0], device=output.device)
             self.gathered = output[rows, self.gather_positions.to(output.device)].float()
-        self.steps.append(output[:, -1, :])
+        # clone: a view would keep the whole (B, L, H) prefill output alive during decoding
+        self.steps.append(output[:, -1, :].clone())
 
     def __enter__(self) -> "_LastLayerRecorder":
         self._handle = self.norm.register_forward_hook(self._hook)

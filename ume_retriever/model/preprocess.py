@@ -206,6 +206,7 @@ def collate(
 
     With ``stop_after_disc`` each sequence ends at its ``<disc_emb>``: in a causal model the
     state there does not depend on what follows, so the rest of the prompt is not computed.
+    The inputs' vision tensors become views of the returned batch tensors.
     """
     seqs, mms = [], []
     for p in batch:
@@ -226,7 +227,15 @@ def collate(
                 mm_ids[row, length - len(mm):] = mm
         out["mm_token_type_ids"] = mm_ids
     for key in VISION_KEYS:
-        parts = [p.vision[key] for p in batch if key in p.vision]
-        if parts:
-            out[key] = torch.cat(parts, dim=0)
+        holders = [p for p in batch if key in p.vision]
+        if not holders:
+            continue
+        out[key] = torch.cat([p.vision[key] for p in holders], dim=0)
+        # Re-point each input's tensor at its slice of the batch tensor: the per-input copies
+        # are freed, so the pixels are held once, as a bare processor call would hold them.
+        start = 0
+        for p in holders:
+            n = p.vision[key].shape[0]
+            p.vision = {**p.vision, key: out[key][start:start + n]}
+            start += n
     return out
