@@ -1,0 +1,108 @@
+"""How the disc and gen scores of a point are combined at query time, and a numpy reference.
+
+The stores run fusion inside Qdrant (prefetch per query vector, then one fusion query). The
+numpy functions here compute the same thing from exact scores; tests check both engines
+against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+FusionMethod = Literal["weighted", "rrf", "dbsf", "disc", "gen"]
+FUSION_METHODS: tuple[str, ...] = ("weighted", "rrf", "dbsf", "disc", "gen")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A fusion of the disc and gen scores.
+
+    - ``weighted``: ``w_disc * cos_disc + w_gen * cos_gen`` (a score missing from a prefetch
+      counts as 0); with ``gen_samples=k`` each gen sample weighs ``w_gen / k``.
+    - ``rrf``: reciprocal rank fusion as Qdrant computes it: ``sum_i 1 / (k + rank_i)`` with
+      ranks counted from 0 (so ``k=61`` is the literature's 60); a weight ``w`` stretches a
+      prefetch's ranks: ``1 / (k - 1 + (rank_i + 1) / w)``. Weights 1 by default.
+    - ``dbsf``: distribution-based score fusion (each prefetch's scores normalised by its mean
+      +- 3 sample std, then summed), unweighted.
+    - ``disc`` / ``gen``: one vector only.
+    """
+
+    method: FusionMethod = "rrf"
+    disc_weight: float = 1.0
+    gen_weight: float = 1.0
+    k: int = 60
+
+    def __post_init__(self) -> None:
+        if self.method not in FUSION_METHODS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSION_METHODS)}; got {self.method!r}")
+        if self.k < 1:
+            raise ValueError(f"rrf k must be >= 1, got {self.k}")
+        if self.disc_weight < 0 or self.gen_weight < 0:
+            raise ValueError("fusion weights must be >= 0")
+
+    @classmethod
+    def parse(cls, value: "Fusion | str") -> "Fusion":
+        """``Fusion`` or a name: "rrf", "weighted", "dbsf", "disc", "gen"."""
+        if isinstance(value, Fusion):
+            return value
+        return cls(method=value)  # type: ignore[arg-type]
+
+    @property
+    def needs_disc(self) -> bool:
+        return self.method != "gen"
+
+    @property
+    def needs_gen(self) -> bool:
+        return self.method != "disc"
+
+    def prefetch_weights(self, uses: Sequence[str]) -> list[float]:
+        """One weight per query vector (``uses`` lists "disc"/"gen" per vector)."""
+        n_gen = max(1, sum(u == "gen" for u in uses))
+        return [self.disc_weight if u == "disc" else self.gen_weight / n_gen for u in uses]
+
+
+def rank_lists(scores: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Per query row of ``scores`` (n_queries, n_points): the ``limit`` best point indices."""
+    return [np.argsort(-row, kind="stable")[:limit] for row in scores]
+
+
+def fuse_reference(
+    scores: np.ndarray, uses: Sequence[str], fusion: Fusion, prefetch_limit: int, limit: int
+) -> list[tuple[int, float]]:
+    """Exact fusion over all points: ``scores`` is (n_queries, n_points) cosine similarities.
+
+    Returns ``(point index, fused score)`` best first, as the engines should (ties aside).
+    """
+    weights = fusion.prefetch_weights(uses)
+    keep = [i for i, w in enumerate(weights) if w > 0]  # a zero weight drops that prefetch
+    scores, uses, weights = scores[keep], [uses[i] for i in keep], [weights[i] for i in keep]
+    if len(uses) == 1:
+        order = np.argsort(-scores[0], kind="stable")[:limit]
+        return [(int(i), float(scores[0, i])) for i in order]
+    lists = rank_lists(scores, prefetch_limit)
+    fused: dict[int, float] = {}
+    if fusion.method == "rrf":
+        for w, ranked in zip(weights, lists):
+            for rank, idx in enumerate(ranked, start=1):
+                fused[int(idx)] = fused.get(int(idx), 0.0) + 1.0 / (fusion.k - 1 + rank / w)
+    elif fusion.method == "dbsf":
+        for ranked, row in zip(lists, scores):
+            s = row[ranked].astype(np.float64)
+            mean, std = s.mean(), s.std(ddof=1) if len(s) > 1 else 0.0
+            low, high = mean - 3 * std, mean + 3 * std
+            for idx, value in zip(ranked, s):
+                norm = 0.0 if high == low else (value - low) / (high - low)
+                fused[int(idx)] = fused.get(int(idx), 0.0) + norm
+    else:  # weighted, and disc-only / gen-only over several samples (weighted mean)
+        found = set(int(i) for ranked in lists for i in ranked)
+        for idx in found:
+            total = 0.0
+            for w, ranked, row in zip(weights, lists, scores):
+                if idx in set(ranked.tolist()):
+                    total += w * float(row[idx])
+            fused[idx] = total
+    ranked_all = sorted(fused.items(), key=lambda kv: -kv[1])
+    return ranked_all[:limit]

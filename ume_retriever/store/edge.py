@@ -1,0 +1,206 @@
+"""``EdgeStore``: Qdrant Edge (qdrant-edge-py), Qdrant's engine in-process, persistent on disk.
+
+Layout of a store folder: ``<path>/<collection>/`` holds the shard, ``ume_store.json`` the
+schema it was built for, ``.lock`` the inter-process lock (one process at a time).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..fusion import Fusion
+from .base import (
+    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, SchemaMismatchError, StoredHit, StoredPoint, StoreLockedError,
+    StoreSchema, VectorQuery, split_range, weighted_queries,
+)
+
+logger = logging.getLogger(__name__)
+SCHEMA_FILE = "ume_store.json"
+LOCK_FILE = ".lock"
+
+
+class EdgeStore:
+    """The embedded default store: one folder, no server."""
+
+    def __init__(self, path: str | os.PathLike, schema: StoreSchema, collection: str = "ume"):
+        import qdrant_edge as qe
+
+        self._qe = qe
+        self.schema = schema
+        self.root = Path(path) / collection
+        self.location = str(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._acquire_lock()
+        self._mutex = threading.RLock()
+        try:
+            self._shard = self._open()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> int:
+        lock_path = self.root / LOCK_FILE
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(
+                f"the store {self.root} is open in another process (pid {holder} holds the lock "
+                f"{lock_path}); close it there, or open a different path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open(self) -> Any:
+        qe = self._qe
+        schema_path = self.root / SCHEMA_FILE
+        shard_path = str(self.root / "shard")
+        if schema_path.exists():
+            found = json.loads(schema_path.read_text())
+            self.schema.check(found, f"the store {self.root}")
+            return qe.EdgeShard.load(shard_path)
+        if (self.root / "shard").exists():
+            raise SchemaMismatchError(f"{self.root} holds a shard without {SCHEMA_FILE}: not a ume store")
+        params = qe.EdgeVectorParams(size=self.schema.vector_size, distance=qe.Distance.Cosine)
+        shard = qe.EdgeShard.create(shard_path, qe.EdgeConfig(vectors={n: params for n in VECTOR_NAMES}))
+        kinds = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
+        for name, kind in INDEXED_FIELDS.items():
+            shard.update(qe.UpdateOperation.create_field_index(name, kinds[kind]))
+        shard.flush()
+        # Written last: a folder without it was never completely created.
+        schema_path.write_text(json.dumps(self.schema.as_dict(), indent=2))
+        return shard
+
+    # -- translation --------------------------------------------------------------------------
+
+    def _filter(self, flt: FilterSpec | None) -> Any:
+        if not flt:
+            return None
+        qe = self._qe
+        must = []
+        for key, value in flt.items():
+            if isinstance(value, dict):
+                must.append(qe.FieldCondition(key=key, range=qe.RangeFloat(**split_range(value))))
+            elif isinstance(value, (list, tuple, set)):
+                must.append(qe.FieldCondition(key=key, match=qe.MatchAny(list(value))))
+            else:
+                must.append(qe.FieldCondition(key=key, match=qe.MatchValue(value)))
+        return qe.Filter(must=must)
+
+    def _fusion_query(self, fusion: Fusion, weights: list[float]) -> Any:
+        qe = self._qe
+        if fusion.method == "rrf":
+            return qe.Fusion.Rrf(k=fusion.k, weights=None if all(w == 1 for w in weights) else weights)
+        if fusion.method == "dbsf":
+            return qe.Fusion.Dbsf()
+        E = qe.Expression  # noqa: N806 - weighted sum of the prefetch scores, missing ones count 0
+        terms = [E.Mult([E.Constant(w), E.Variable(f"$score[{i}]")]) for i, w in enumerate(weights)]
+        return qe.Formula(E.Sum(terms), defaults={f"$score[{i}]": 0.0 for i in range(len(weights))})
+
+    # -- protocol -----------------------------------------------------------------------------
+
+    def upsert(self, points: Sequence[StoredPoint]) -> None:
+        if not points:
+            return
+        qe = self._qe
+        batch = [qe.Point(id=p.id, vector={k: list(map(float, v)) for k, v in p.vectors.items()},
+                          payload=p.payload) for p in points]
+        with self._mutex:
+            self._shard.update(qe.UpdateOperation.upsert_points(batch))
+
+    def delete_ids(self, ids: Sequence[str]) -> None:
+        if ids:
+            with self._mutex:
+                self._shard.update(self._qe.UpdateOperation.delete_points(list(ids)))
+
+    def delete_where(self, flt: FilterSpec) -> None:
+        with self._mutex:
+            self._shard.update(self._qe.UpdateOperation.delete_points_by_filter(self._filter(flt)))
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        with self._mutex:
+            records = self._shard.retrieve(list(ids), with_payload=False, with_vector=False)
+        return {str(r.id) for r in records}
+
+    def scroll(self, flt: FilterSpec | None, fields: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        offset = None
+        while True:
+            with self._mutex:
+                records, offset = self._shard.scroll(self._qe.ScrollRequest(
+                    offset=offset, limit=512, filter=self._filter(flt), with_payload=list(fields) or False,
+                    with_vector=False))
+            for r in records:
+                yield str(r.id), dict(r.payload or {})
+            if offset is None:
+                return
+
+    def count(self, flt: FilterSpec | None = None) -> int:
+        with self._mutex:
+            return int(self._shard.count(self._qe.CountRequest(filter=self._filter(flt), exact=True)))
+
+    def query(
+        self, queries: Sequence[VectorQuery], fusion: Fusion, limit: int, prefetch_limit: int,
+        flt: FilterSpec | None = None,
+    ) -> list[StoredHit]:
+        qe = self._qe
+        kept = weighted_queries(queries, fusion)
+        engine_filter = self._filter(flt)
+        common: dict[str, Any] = dict(limit=limit, filter=engine_filter, with_payload=True,
+                                      with_vector=list(VECTOR_NAMES))
+        if len(kept) == 1:
+            q = kept[0][0]
+            request = qe.QueryRequest(query=qe.Query.Nearest(list(map(float, q.vector)), using=q.using), **common)
+        else:
+            prefetches = [
+                qe.Prefetch(limit=prefetch_limit, query=qe.Query.Nearest(list(map(float, q.vector)), using=q.using),
+                            filter=engine_filter)
+                for q, _ in kept
+            ]
+            request = qe.QueryRequest(prefetches=prefetches, query=self._fusion_query(fusion, [w for _, w in kept]),
+                                      **common)
+        with self._mutex:
+            points = self._shard.query(request)
+        return [
+            StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}),
+                      vectors={k: np.asarray(v, dtype=np.float32) for k, v in (p.vector or {}).items()})
+            for p in points
+        ]
+
+    def optimize(self) -> None:
+        """Build the HNSW indexes (do it once after a large ingest, not per batch)."""
+        with self._mutex:
+            self._shard.optimize()
+
+    def close(self) -> None:
+        with self._mutex:
+            if getattr(self, "_shard", None) is not None:
+                self._shard.close()
+                self._shard = None
+            self._release_lock()
+
+    def __enter__(self) -> "EdgeStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,210 @@
+"""``QdrantStore``: qdrant-client, for a Qdrant server or cluster (``url=``), or local mode.
+
+Local mode (``location=":memory:"`` or ``path=``) is qdrant-client's pure-Python engine: every
+query feature works, but it is brute force, ignores payload indexes and sharding, and commits
+point by point on disk. Use it for tests and small data; use the embedded ``EdgeStore`` or a
+server for real collections.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..fusion import Fusion
+from .base import (
+    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, StoredHit, StoredPoint, StoreLockedError, StoreSchema, VectorQuery,
+    split_range, weighted_queries,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class QdrantStore:
+    """A collection with named vectors ``disc`` and ``gen`` (cosine) through qdrant-client."""
+
+    def __init__(
+        self,
+        schema: StoreSchema,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        location: str | None = None,
+        path: str | None = None,
+        collection: str = "ume",
+        shard_number: int | None = None,
+        replication_factor: int | None = None,
+        write_consistency_factor: int | None = None,
+        on_disk: bool | None = None,
+        quantization_config: Any = None,
+        hnsw_config: Any = None,
+        timeout: int | None = None,
+    ):
+        from qdrant_client import QdrantClient, models
+
+        self._m = models
+        self.schema = schema
+        self._is_server = url is not None
+        self.collection = collection
+        self.location = url or path or location or ":memory:"
+        try:
+            self.client = QdrantClient(url=url, api_key=api_key, location=location if not (url or path) else None,
+                                       path=path, timeout=timeout)
+        except RuntimeError as exc:
+            if "already accessed" in str(exc):
+                raise StoreLockedError(
+                    f"the local Qdrant folder {path} is open in another process ({exc}); close it there "
+                    "or open a different path"
+                ) from None
+            raise
+        self._mutex = threading.RLock()
+        if self.client.collection_exists(collection):
+            self._check_existing()
+        else:
+            self._create(shard_number, replication_factor, write_consistency_factor, on_disk, quantization_config,
+                         hnsw_config)
+
+    def _create(self, shard_number, replication_factor, write_consistency_factor, on_disk, quantization_config,
+                hnsw_config) -> None:
+        m = self._m
+        params = m.VectorParams(size=self.schema.vector_size, distance=m.Distance.COSINE, on_disk=on_disk)
+        self.client.create_collection(
+            self.collection,
+            vectors_config={n: params for n in VECTOR_NAMES},
+            shard_number=shard_number,
+            replication_factor=replication_factor,
+            write_consistency_factor=write_consistency_factor,
+            quantization_config=quantization_config,
+            hnsw_config=hnsw_config,
+            metadata=self.schema.as_dict(),
+        )
+        if not self._is_server:
+            return  # local mode ignores payload indexes (and warns)
+        kinds = {"keyword": m.PayloadSchemaType.KEYWORD, "integer": m.PayloadSchemaType.INTEGER}
+        for name, kind in INDEXED_FIELDS.items():
+            self.client.create_payload_index(self.collection, name, field_schema=kinds[kind])
+
+    def _check_existing(self) -> None:
+        info = self.client.get_collection(self.collection)
+        vectors = info.config.params.vectors
+        found: dict[str, Any] = dict(getattr(info.config, "metadata", None) or {})
+        if isinstance(vectors, dict):
+            found["vectors"] = {name: v.size for name, v in vectors.items()}
+            distances = {str(getattr(v.distance, "value", v.distance)).lower() for v in vectors.values()}
+            found["distance"] = distances.pop() if len(distances) == 1 else sorted(distances)
+        else:  # a single unnamed vector
+            found["vectors"] = {"": getattr(vectors, "size", None)}
+            found["distance"] = str(getattr(getattr(vectors, "distance", None), "value", "")).lower()
+        self.schema.check(found, f"the collection {self.collection!r} at {self.location}")
+
+    # -- translation --------------------------------------------------------------------------
+
+    def _filter(self, flt: FilterSpec | None) -> Any:
+        if not flt:
+            return None
+        m = self._m
+        must = []
+        for key, value in flt.items():
+            if isinstance(value, dict):
+                must.append(m.FieldCondition(key=key, range=m.Range(**split_range(value))))
+            elif isinstance(value, (list, tuple, set)):
+                must.append(m.FieldCondition(key=key, match=m.MatchAny(any=list(value))))
+            else:
+                must.append(m.FieldCondition(key=key, match=m.MatchValue(value=value)))
+        return m.Filter(must=must)
+
+    def _fusion_query(self, fusion: Fusion, weights: list[float]) -> Any:
+        m = self._m
+        if fusion.method == "rrf":
+            rrf = m.Rrf(k=fusion.k, weights=None if all(w == 1 for w in weights) else weights)
+            return m.RrfQuery(rrf=rrf)
+        if fusion.method == "dbsf":
+            return m.FusionQuery(fusion=m.Fusion.DBSF)
+        terms = [m.MultExpression(mult=[w, f"$score[{i}]"]) for i, w in enumerate(weights)]
+        return m.FormulaQuery(formula=m.SumExpression(sum=terms),
+                              defaults={f"$score[{i}]": 0.0 for i in range(len(weights))})
+
+    # -- protocol -----------------------------------------------------------------------------
+
+    def upsert(self, points: Sequence[StoredPoint]) -> None:
+        if not points:
+            return
+        m = self._m
+        batch = [m.PointStruct(id=p.id, vector={k: list(map(float, v)) for k, v in p.vectors.items()},
+                               payload=p.payload) for p in points]
+        with self._mutex:
+            self.client.upsert(self.collection, batch, wait=True)
+
+    def delete_ids(self, ids: Sequence[str]) -> None:
+        if ids:
+            with self._mutex:
+                self.client.delete(self.collection, points_selector=self._m.PointIdsList(points=list(ids)), wait=True)
+
+    def delete_where(self, flt: FilterSpec) -> None:
+        with self._mutex:
+            self.client.delete(self.collection, points_selector=self._m.FilterSelector(filter=self._filter(flt)),
+                               wait=True)
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        with self._mutex:
+            records = self.client.retrieve(self.collection, list(ids), with_payload=False, with_vectors=False)
+        return {str(r.id) for r in records}
+
+    def scroll(self, flt: FilterSpec | None, fields: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        offset = None
+        while True:
+            with self._mutex:
+                records, offset = self.client.scroll(self.collection, scroll_filter=self._filter(flt), limit=512,
+                                                     offset=offset, with_payload=list(fields) or False,
+                                                     with_vectors=False)
+            for r in records:
+                yield str(r.id), dict(r.payload or {})
+            if offset is None:
+                return
+
+    def count(self, flt: FilterSpec | None = None) -> int:
+        with self._mutex:
+            return int(self.client.count(self.collection, count_filter=self._filter(flt), exact=True).count)
+
+    def query(
+        self, queries: Sequence[VectorQuery], fusion: Fusion, limit: int, prefetch_limit: int,
+        flt: FilterSpec | None = None,
+    ) -> list[StoredHit]:
+        m = self._m
+        kept = weighted_queries(queries, fusion)
+        engine_filter = self._filter(flt)
+        common: dict[str, Any] = dict(limit=limit, query_filter=engine_filter, with_payload=True,
+                                      with_vectors=list(VECTOR_NAMES))
+        with self._mutex:
+            if len(kept) == 1:
+                q = kept[0][0]
+                result = self.client.query_points(self.collection, query=list(map(float, q.vector)), using=q.using,
+                                                  **common)
+            else:
+                prefetch = [m.Prefetch(query=list(map(float, q.vector)), using=q.using, limit=prefetch_limit,
+                                       filter=engine_filter) for q, _ in kept]
+                result = self.client.query_points(self.collection, prefetch=prefetch,
+                                                  query=self._fusion_query(fusion, [w for _, w in kept]), **common)
+        return [
+            StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}),
+                      vectors={k: np.asarray(v, dtype=np.float32) for k, v in (p.vector or {}).items()})
+            for p in result.points
+        ]
+
+    def optimize(self) -> None:
+        """Nothing to do: a server builds its indexes itself; local mode has none."""
+
+    def close(self) -> None:
+        with self._mutex:
+            self.client.close()
+
+    def __enter__(self) -> "QdrantStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
