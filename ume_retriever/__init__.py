@@ -23,11 +23,17 @@ _LAZY = {
     "GenSample": ".results",
     "GenOutcome": ".results",
     "build_tiny_checkpoint": ".model.tiny",
+    "UMEIndex": ".index",
+    "Hit": ".index",
+    "IngestReport": ".index",
+    "Fusion": ".fusion",
 }
 
 if TYPE_CHECKING:
     from .model.encoder import UMEEncoder
     from .model.tiny import build_tiny_checkpoint
+    from .fusion import Fusion
+    from .index import Hit, IngestReport, UMEIndex
     from .results import EncodeResult, GenOutcome, GenSample
 
 __all__ = ["Item", "UMEError", "InputError", "CheckpointError", *_LAZY]

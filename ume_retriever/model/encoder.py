@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, Iterable, Literal, Sequence, overload
 
 import numpy as np
@@ -81,6 +82,9 @@ class UMEEncoder:
             max_decode_pixels=max_decode_pixels,
         )
         self.backend: GenerationBackend = backend or TransformersBackend(model, processor, self.token_ids)
+        # One model call at a time: the gen read-out hooks the shared model, and a concurrent
+        # forward from another thread (e.g. a search during an ingest) would feed that hook.
+        self._model_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -275,7 +279,7 @@ class UMEEncoder:
     ) -> None:
         """Run one batch; if it fails, retry its inputs one by one so only the culprit fails."""
         try:
-            with torch.inference_mode():
+            with self._model_lock, torch.inference_mode():
                 out = self.backend.run([prepared[i] for i in indices], want_disc, sampling)
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated per input
             if len(indices) == 1:

@@ -1,0 +1,423 @@
+"""``UMEIndex``: files and items in, disc + gen vectors side by side in a store, fused search out.
+
+Ingest is idempotent and crash-safe: a point's id is a UUID of (source, locator, content
+hash, vector set), so re-adding never duplicates; unchanged content is found by id (and, for
+files, by a per-file manifest written last) without running the model; a changed file's old
+points are deleted once its new ones are in. A run killed at any moment and started again
+ends with exactly one point per item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .fusion import Fusion
+from .inputs.item import Item, as_item
+from .inputs.loaders import FileLoadError, LoadedItem, LoaderConfig, LoadFailure, file_hash, load_file, walk
+from .store import DISC, GEN, FilterSpec, StoredPoint, StoreSchema, VectorQuery, VectorStore, open_store
+
+logger = logging.getLogger(__name__)
+
+_NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4b7e-9a55-3f2f6c1e9b10")
+Status = Literal["indexed", "unchanged", "failed"]
+
+
+@dataclass
+class IngestEntry:
+    source: str
+    locator: str
+    status: Status
+    reason: str | None = None
+    id: str | None = None
+
+
+@dataclass
+class IngestReport:
+    """Every input of an ``add``: indexed, unchanged, or failed with a reason."""
+
+    entries: list[IngestEntry] = field(default_factory=list)
+    deleted_stale: int = 0
+    seconds: float = 0.0
+
+    def _with(self, status: str) -> list[IngestEntry]:
+        return [e for e in self.entries if e.status == status]
+
+    @property
+    def indexed(self) -> list[IngestEntry]:
+        return self._with("indexed")
+
+    @property
+    def unchanged(self) -> list[IngestEntry]:
+        return self._with("unchanged")
+
+    @property
+    def failed(self) -> list[IngestEntry]:
+        return self._with("failed")
+
+    def summary(self) -> str:
+        lines = [f"indexed {len(self.indexed)}, unchanged {len(self.unchanged)}, failed {len(self.failed)}, "
+                 f"stale points removed {self.deleted_stale} in {self.seconds:.1f}s"]
+        lines += [f"  failed: {e.source}{' ' + e.locator if e.locator else ''}: {e.reason}" for e in self.failed]
+        return "\n".join(lines)
+
+
+@dataclass
+class Hit:
+    """One search result. ``disc_score``/``gen_score`` are the cosines of each vector (None where
+    the query did not compute that vector); with several gen samples, their mean."""
+
+    id: str
+    score: float
+    disc_score: float | None
+    gen_score: float | None
+    payload: dict[str, Any]
+
+    @property
+    def reasoning(self) -> str | None:
+        return self.payload.get("reasoning")
+
+    @property
+    def source(self) -> str | None:
+        return self.payload.get("source")
+
+    @property
+    def page(self) -> int | None:
+        return self.payload.get("page")
+
+
+def point_id(source: str, locator: str, content_hash: str, vectors: Sequence[str]) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{source}|{locator}|{content_hash}|{'+'.join(vectors)}"))
+
+
+def manifest_id(source: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{source}|manifest"))
+
+
+def item_hash(item: Item) -> str:
+    """A content hash of an in-memory item (text, instruction, image and video bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (item.instruction or "", item.text or ""):
+        h.update(part.encode())
+        h.update(b"\x00")
+    media = list(item.all_images()) + ([] if item.video is None else
+                                        (item.video if isinstance(item.video, (list, tuple)) else [item.video]))
+    for src in media:
+        if isinstance(src, (str, os.PathLike)):
+            h.update(file_hash(Path(src)).encode() if Path(src).is_file() else os.fspath(src).encode())
+        elif isinstance(src, (bytes, bytearray)):
+            h.update(src)
+        elif hasattr(src, "tobytes"):
+            h.update(src.tobytes())
+        h.update(b"\x01")
+    h.update(f"{item.video_start}-{item.video_end}".encode())
+    return h.hexdigest()
+
+
+class UMEIndex:
+    """Disc and gen vectors of files and items, in a Qdrant store, searched with fusion.
+
+    ``store``: a ``VectorStore``, or a folder for the embedded Qdrant Edge store (default
+    ``./ume-index``). ``vectors``: which vectors to compute and store ("disc", "gen" or both).
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        store: VectorStore | str | os.PathLike | None = None,
+        *,
+        vectors: Sequence[str] = (DISC, GEN),
+        collection: str = "ume",
+        loader: LoaderConfig | None = None,
+        batch_size: int | None = None,
+        default_fusion: Fusion | str = "rrf",
+        prefetch_factor: int = 4,
+    ):
+        if not set(vectors) <= {DISC, GEN} or not vectors:
+            raise ValueError(f"vectors must be 'disc', 'gen' or both, got {vectors!r}")
+        self.encoder = encoder
+        self.vectors = tuple(v for v in (DISC, GEN) if v in vectors)
+        self.schema = StoreSchema(vector_size=encoder.embedding_dim, model=encoder.name_or_path,
+                                  revision=getattr(encoder, "revision", None))
+        if store is None or isinstance(store, (str, os.PathLike)):
+            store = open_store(self.schema, store, collection=collection)
+        self.store: VectorStore = store
+        cap = _pixel_cap(encoder)
+        self.loader = loader or LoaderConfig(pdf_max_pixels=cap)
+        if self.loader.pdf_max_pixels is None:
+            self.loader = LoaderConfig(**{**self.loader.__dict__, "pdf_max_pixels": cap})
+        self.batch_size = batch_size or encoder.batch_size
+        self.default_fusion = Fusion.parse(default_fusion)
+        if prefetch_factor < 1:
+            raise ValueError("prefetch_factor must be >= 1")
+        self.prefetch_factor = prefetch_factor
+
+    @property
+    def mode(self) -> str:
+        return "both" if len(self.vectors) == 2 else self.vectors[0]
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    def add(self, inputs: Iterable[Any] | str | os.PathLike, *, show_progress: bool = False) -> IngestReport:
+        """Index files, folders and items; return what happened to each."""
+        started = time.perf_counter()
+        report = IngestReport()
+        if isinstance(inputs, (str, os.PathLike, Item)):
+            inputs = [inputs]
+        work: queue.Queue = queue.Queue(maxsize=4 * self.batch_size)
+        loader = threading.Thread(target=self._produce, args=(list(inputs), work), daemon=True)
+        loader.start()  # loading/rendering overlaps with encoding
+        from tqdm.auto import tqdm
+
+        pending: list[tuple[LoadedItem, str]] = []
+        source_ids: dict[str, set[str]] = {}
+        source_failed: set[str] = set()
+        with tqdm(desc="indexing", unit="item", disable=not show_progress) as bar:
+            while True:
+                msg = work.get()
+                if msg is None:
+                    break
+                kind, payload = msg
+                if kind == "failure":
+                    report.entries.append(IngestEntry(payload.source, "", "failed", payload.reason))
+                    source_failed.add(payload.source)
+                elif kind == "unchanged":
+                    report.entries.extend(payload)
+                    bar.update(len(payload))
+                elif kind == "item":
+                    loaded: LoadedItem = payload
+                    pid = point_id(loaded.source, loaded.locator, loaded.content_hash, self.vectors)
+                    source_ids.setdefault(loaded.source, set()).add(pid)
+                    pending.append((loaded, pid))
+                    if len(pending) >= self.batch_size:
+                        self._flush(pending, report, source_failed)
+                        bar.update(len(pending))
+                        pending = []
+                elif kind == "done":  # a file is fully loaded: finish it once its items are in
+                    self._flush(pending, report, source_failed)
+                    bar.update(len(pending))
+                    pending = []
+                    src, fhash = payload
+                    if src not in source_failed:
+                        report.deleted_stale += self._finish_source(src, fhash, source_ids.get(src, set()))
+        self._flush(pending, report, source_failed)
+        loader.join()
+        report.seconds = time.perf_counter() - started
+        logger.info("ingest: %s", report.summary())
+        return report
+
+    def update(self, inputs: Iterable[Any] | str | os.PathLike, **kwargs: Any) -> IngestReport:
+        """Same as ``add``: changed content replaces its old points, unchanged content is skipped."""
+        return self.add(inputs, **kwargs)
+
+    def delete(self, source: str | os.PathLike) -> int:
+        """Remove every point of a source (a file path or an item's ``metadata['source']``)."""
+        key = _source_key(source)
+        n = self.store.count({"source": key, "kind": "item"})
+        self.store.delete_where({"source": key})
+        return n
+
+    def count(self, flt: FilterSpec | None = None) -> int:
+        return self.store.count({**(flt or {}), "kind": "item"})
+
+    def _produce(self, inputs: list[Any], out: queue.Queue) -> None:
+        """Loader thread: items (lazily), per-file 'unchanged' shortcuts and failures, in order."""
+        try:
+            for value in inputs:
+                if isinstance(value, (str, os.PathLike)):
+                    for path in walk([value]):
+                        if isinstance(path, LoadFailure):
+                            out.put(("failure", path))
+                        else:
+                            self._produce_file(path, out)
+                else:
+                    try:
+                        item = as_item(value)
+                    except InputError as exc:
+                        out.put(("failure", LoadFailure(f"<input {type(value).__name__}>", exc.reason)))
+                        continue
+                    source = str(item.metadata.get("source") or f"item:{item_hash(item)}")
+                    chash = item_hash(item)
+                    out.put(("item", LoadedItem(item, source, str(item.metadata.get("locator", "")),
+                                                _modality(item), chash, chash, text=item.text)))
+        except Exception as exc:  # noqa: BLE001 - never leave the consumer waiting
+            logger.exception("loader thread failed")
+            out.put(("failure", LoadFailure("<loader>", f"{type(exc).__name__}: {exc}")))
+        finally:
+            out.put(None)
+
+    def _produce_file(self, path: Path, out: queue.Queue) -> None:
+        source = str(path)
+        try:
+            fhash = file_hash(path)
+        except OSError as exc:
+            out.put(("failure", LoadFailure(source, f"cannot read file ({exc.strerror or exc})")))
+            return
+        unchanged = self._unchanged_file(source, fhash)
+        if unchanged is not None:
+            out.put(("unchanged", unchanged))
+            return
+        try:
+            for loaded in load_file(path, self.loader, fhash):
+                out.put(("item", loaded))
+        except FileLoadError as exc:
+            out.put(("failure", LoadFailure(source, str(exc))))
+            return
+        out.put(("done", (source, fhash)))
+
+    def _unchanged_file(self, source: str, fhash: str) -> list[IngestEntry] | None:
+        """Entries for a file whose manifest says it is fully indexed as it is now, else None."""
+        found = self.store.scroll({"source": source, "kind": "manifest"}, ["file_hash", "vectors", "items"])
+        for _, manifest in found:
+            if manifest.get("file_hash") == fhash and manifest.get("vectors") == list(self.vectors):
+                items = manifest.get("items", [])
+                if self.store.count({"source": source, "kind": "item"}) == len(items):
+                    return [IngestEntry(source, loc, "unchanged", id=pid) for pid, loc in items]
+        return None
+
+    def _flush(self, pending: list[tuple[LoadedItem, str]], report: IngestReport, failed: set[str]) -> None:
+        """Encode what is not in the store yet, upsert it, and report every item."""
+        if not pending:
+            return
+        existing = self.store.existing_ids([pid for _, pid in pending])
+        todo = [(loaded, pid) for loaded, pid in pending if pid not in existing]
+        report.entries.extend(IngestEntry(l.source, l.locator, "unchanged", id=pid)
+                              for l, pid in pending if pid in existing)
+        if not todo:
+            return
+        results = self.encoder.encode([loaded.item for loaded, _ in todo], mode=self.mode, batch_size=self.batch_size)
+        now = datetime.now(timezone.utc).isoformat()
+        points = []
+        for (loaded, pid), res in zip(todo, results):
+            if res.error is not None:
+                report.entries.append(IngestEntry(loaded.source, loaded.locator, "failed", res.error.reason
+                                                  if isinstance(res.error, InputError) else str(res.error)))
+                failed.add(loaded.source)
+                continue
+            vectors = {}
+            if res.disc is not None:
+                vectors[DISC] = res.disc
+            if res.gen is not None:
+                vectors[GEN] = res.gen
+            payload = {
+                **{k: v for k, v in loaded.item.metadata.items() if k not in ("source", "locator")},
+                **loaded.fields,
+                "kind": "item", "source": loaded.source, "locator": loaded.locator, "modality": loaded.modality,
+                "text": loaded.text, "reasoning": res.reasoning,
+                "gen_outcome": res.gen_outcome.value if res.gen_outcome else None,
+                "content_hash": loaded.content_hash, "file_hash": loaded.file_hash,
+                "model": self.schema.model, "revision": self.schema.revision, "vectors": list(self.vectors),
+                "ingested_at": now,
+            }
+            points.append(StoredPoint(id=pid, vectors=vectors, payload=payload))
+            report.entries.append(IngestEntry(loaded.source, loaded.locator, "indexed", id=pid))
+        self.store.upsert(points)
+
+    def _finish_source(self, source: str, fhash: str, ids: set[str]) -> int:
+        """Delete the source's points that are not current, then write its manifest (last)."""
+        stale = [pid for pid, _ in self.store.scroll({"source": source, "kind": "item"}, []) if pid not in ids]
+        self.store.delete_ids(stale)
+        items = sorted(
+            ((pid, p.get("locator", "")) for pid, p in self.store.scroll({"source": source, "kind": "item"},
+                                                                           ["locator"])),
+            key=lambda x: x[1],
+        )
+        self.store.upsert([StoredPoint(id=manifest_id(source), vectors={}, payload={
+            "kind": "manifest", "source": source, "file_hash": fhash, "vectors": list(self.vectors),
+            "items": [list(x) for x in items]})])
+        return len(stale)
+
+    def optimize(self) -> None:
+        """Build the store's vector indexes (after a large ingest)."""
+        self.store.optimize()
+
+    # -- search -------------------------------------------------------------------------------
+
+    def search(
+        self,
+        query: Any,
+        k: int = 10,
+        *,
+        fusion: Fusion | str | None = None,
+        filter: FilterSpec | None = None,  # noqa: A002 - the name users expect
+        gen_samples: int = 1,
+        instruction: str | None = None,
+        prefetch_factor: int | None = None,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Hit]:
+        """The ``k`` best points for a query (text, image, video, or an ``Item`` mixing them).
+
+        ``fusion``: "rrf" (default), "weighted", "dbsf", "disc", "gen" or a ``Fusion``.
+        ``gen_samples=k`` samples k reasoning chains and fuses their k gen prefetches with the
+        disc one (pass@k at query time). Each prefetch fetches ``k * prefetch_factor`` points.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        fusion = Fusion.parse(fusion or self.default_fusion)
+        if fusion.needs_disc and DISC not in self.vectors or fusion.needs_gen and GEN not in self.vectors:
+            only = self.vectors[0]
+            if fusion.method in ("disc", "gen"):
+                raise ValueError(f"this index stores only {only} vectors: fusion {fusion.method!r} is impossible")
+            fusion = Fusion(only)  # the other vector does not exist here: search the one there is
+        item = as_item(query)
+        if instruction is not None:
+            item = Item(**{**item.__dict__, "instruction": instruction})
+        mode = "both" if fusion.needs_disc and fusion.needs_gen else ("disc" if fusion.needs_disc else "gen")
+        sampling = {"num_samples": gen_samples, "temperature": temperature, "seed": seed} if gen_samples > 1 else {}
+        res = self.encoder.encode(item, mode=mode, **sampling)
+        res.raise_for_error()
+        queries = [VectorQuery(DISC, res.disc)] if res.disc is not None else []
+        gen_vectors = [np.asarray(s.vector) for s in res.samples]
+        queries += [VectorQuery(GEN, v) for v in gen_vectors]
+        factor = prefetch_factor or self.prefetch_factor
+        stored = self.store.query(queries, fusion, limit=k, prefetch_limit=k * factor, flt=filter)
+        hits = []
+        for h in stored:
+            disc_score = float(h.vectors[DISC] @ res.disc) if res.disc is not None and DISC in h.vectors else None
+            gen_score = (float(np.mean([h.vectors[GEN] @ v for v in gen_vectors]))
+                         if gen_vectors and GEN in h.vectors else None)
+            hits.append(Hit(id=h.id, score=h.score, disc_score=disc_score, gen_score=gen_score, payload=h.payload))
+        return hits
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "UMEIndex":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _source_key(source: str | os.PathLike) -> str:
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.exists(source)):
+        return str(Path(source).expanduser().absolute())
+    return str(source)
+
+
+def _modality(item: Item) -> str:
+    if item.video is not None:
+        return "video"
+    if item.all_images():
+        return "image+text" if item.text else "image"
+    return "text"
+
+
+def _pixel_cap(encoder: Any) -> int | None:
+    size = getattr(getattr(encoder.processor, "image_processor", None), "size", None)
+    cap = getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
+    return int(cap) if cap else None
