@@ -184,3 +184,47 @@ def test_as_item_coercion(tmp_path):
         as_item({"txt": "t"})
     img = Image.new("RGB", (2, 2))
     assert as_item(img).image is img
+
+
+def test_malformed_items_fail_alone(encoder, tmp_path):
+    good = tmp_path / "g.png"
+    Image.new("RGB", (64, 64), "green").save(good)
+    broken = tmp_path / "broken.jpg"
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(broken, quality=90)  # noisy: the scan data is most of the file
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) * 2 // 3])
+    unloaded = Image.open(broken)  # a user's lazily opened, truncated image
+    inputs = [{"text": 5}, {"images": Image.new("RGB", (8, 8))}, Item(image=unloaded), "fine", Item(image=good)]
+    res = encoder.encode(inputs)
+    assert "text must be a str" in str(res[0].error)
+    assert "images must be a list" in str(res[1].error)
+    assert "truncated or corrupt" in str(res[2].error)
+    assert res[3].error is None and res[4].error is None
+    with pytest.raises(InputError, match="video FILE"):
+        Item(video=[Image.new("RGB", (8, 8))], video_start=1.0)
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 255))
+    assert load_image(half).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_a_failing_batch_is_retried_input_by_input(encoder):
+    run = encoder.backend.run
+
+    def flaky(batch, *a):
+        if any("boom" in p.prompt for p in batch):
+            raise RuntimeError("simulated device failure")
+        return run(batch, *a)
+
+    encoder.backend.run = flaky
+    try:
+        res = encoder.encode(["ok one", "boom", "ok two"], batch_size=3)
+    finally:
+        del encoder.backend.run
+    assert res[1].error is not None and "simulated device failure" in str(res[1].error)
+    for i in (0, 2):
+        np.testing.assert_allclose(res[i].disc, encoder.encode(["ok one", "boom", "ok two"][i]).disc, atol=1e-5)

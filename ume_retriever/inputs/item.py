@@ -42,6 +42,22 @@ class Item:
     video_end: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("text", "instruction"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"Item {name}", f"{name} must be a str, got {type(value).__name__}")
+        if self.images is not None and not isinstance(self.images, (list, tuple)):
+            raise InputError("Item images", f"images must be a list, got {type(self.images).__name__} "
+                             "(use image= for a single image)")
+        for name in ("video_start", "video_end"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (int, float)):
+                raise InputError(f"Item {name}", f"{name} must be seconds (a number), got {value!r}")
+        if (self.video_start is not None or self.video_end is not None) and not isinstance(self.video, (str, os.PathLike)):
+            raise InputError("Item video", "video_start/video_end select a clip of a video FILE; "
+                             "with frames, pass only the frames you want")
+
     def all_images(self) -> list["ImageLike"]:
         """``image`` then ``images``, in that order."""
         out: list[Any] = [] if self.image is None else [self.image]

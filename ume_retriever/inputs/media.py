@@ -57,35 +57,44 @@ def _open_source(src: Any, what: str) -> Image.Image:
 def load_image(src: Any, max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Image.Image:
     """Return ``src`` (PIL image, path or bytes) as a fully decoded RGB PIL image."""
     what = f"image {describe_source(src)}"
-    if isinstance(src, Image.Image):
-        img = src
-    else:
-        img = _open_source(src, what)
-        width, height = img.size
-        if width * height > max_decode_pixels:
-            if img.format == "JPEG":
-                # draft() picks the smallest 1/2^n scale at least as large as asked: asking for
-                # half the target per side lands in [target/2, target), i.e. within the limit.
-                scale = 0.5 * (max_decode_pixels / (width * height)) ** 0.5
-                img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
-            if img.size[0] * img.size[1] > max_decode_pixels:
-                raise InputError(
-                    what,
-                    f"image is {width}x{height} = {width * height:,} pixels, above the decode "
-                    f"limit of {max_decode_pixels:,}; downscale it or raise max_decode_pixels",
-                )
-            logger.info("decoding %s at reduced scale %s", what, img.size)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise InputError(what, f"truncated or corrupt image data ({exc})") from None
-    if img.size[0] == 0 or img.size[1] == 0:
-        raise InputError(what, f"image has no pixels ({img.size[0]}x{img.size[1]})")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return img
+    img = src if isinstance(src, Image.Image) else _open_source(src, what)
+    width, height = img.size
+    if width * height > max_decode_pixels:
+        if img.format == "JPEG" and not isinstance(src, Image.Image):
+            # draft() picks the smallest 1/2^n scale at least as large as asked: asking for
+            # half the target per side lands in [target/2, target), i.e. within the limit.
+            scale = 0.5 * (max_decode_pixels / (width * height)) ** 0.5
+            img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+        if img.size[0] * img.size[1] > max_decode_pixels:
+            raise InputError(
+                what,
+                f"image is {width}x{height} = {width * height:,} pixels, above the decode "
+                f"limit of {max_decode_pixels:,}; downscale it or raise max_decode_pixels",
+            )
+        logger.info("decoding %s at reduced scale %s", what, img.size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+            if img.size[0] == 0 or img.size[1] == 0:
+                raise InputError(what, f"image has no pixels ({img.size[0]}x{img.size[1]})")
+            out = _to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(what, f"truncated or corrupt image data ({exc})") from None
+    finally:
+        if not isinstance(src, Image.Image):
+            img.close()  # our own file handle; the decoded copy lives on
+    return out
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy; transparent areas become white (as qwen-vl-utils does), not black."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.split()[3])
+        return canvas
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
 def uniform_indices(total: int, num: int) -> list[int]:

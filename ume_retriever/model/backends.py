@@ -145,6 +145,9 @@ class TransformersBackend:
             bos_token_id=getattr(base, "bos_token_id", None),
             # The checkpoint's repetition penalty is part of how the published model decodes.
             repetition_penalty=getattr(base, "repetition_penalty", None) or 1.0,
+            # The read-out assumes one forward per generated token on un-reordered rows.
+            num_beams=1,
+            return_dict_in_generate=False,
         )
         # Unset (None) fields are filled from the checkpoint's generation config by generate(),
         # so every sampling field is set explicitly: the checkpoint's top_k=1 / temperature=0.01
@@ -171,6 +174,9 @@ class TransformersBackend:
                 sequences = self.model.generate(**inputs, generation_config=config, **sampling.generation_kwargs)
         generated = sequences[:, prompt_len:].cpu()  # (B*k, T)
         steps = len(rec.steps)
+        if steps != generated.shape[1]:
+            raise RuntimeError(f"generation ran {steps} forward passes for {generated.shape[1]} tokens: an option "
+                               "(beam search, assisted or chunked decoding) breaks the gen read-out")
         samples: list[RawGenSample] = []
         needs_forward: list[int] = []  # rows whose <gen_emb> was the very last token produced
         for row in range(generated.shape[0]):

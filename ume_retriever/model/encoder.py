@@ -225,6 +225,9 @@ class UMEEncoder:
                 except InputError as exc:
                     self._fail(results[i], exc)
                     continue
+                except Exception as exc:  # noqa: BLE001 - a malformed input fails alone
+                    self._fail(results[i], InputError(f"input {i}", f"cannot prepare it ({type(exc).__name__}: {exc})"))
+                    continue
                 results[i].truncated = prepared[i].truncated
                 results[i].warnings.extend(prepared[i].warnings)
             if prepared:
@@ -278,16 +281,25 @@ class UMEEncoder:
         sampling: SamplingParams | None, results: list[EncodeResult], output: Output,
     ) -> None:
         """Run one batch; if it fails, retry its inputs one by one so only the culprit fails."""
+        failure: Exception | None = None
         try:
             with self._model_lock, torch.inference_mode():
                 out = self.backend.run([prepared[i] for i in indices], want_disc, sampling)
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated per input
+            failure = exc
+        if failure is not None:
+            # Retried outside the except block: its traceback would keep the failed batch's
+            # tensors (activations, KV cache) alive during the retries.
+            message = f"{type(failure).__name__}: {failure}"
+            del failure
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             if len(indices) == 1:
-                what = f"input {indices[0]}"
-                results[indices[0]].error = InputError(what, f"the model failed on it ({type(exc).__name__}: {exc})", indices[0])
+                results[indices[0]].error = InputError(f"input {indices[0]}", f"the model failed on it ({message})",
+                                                       indices[0])
                 logger.warning("%s", results[indices[0]].error)
                 return
-            logger.warning("batch of %d failed (%s); retrying its inputs one by one", len(indices), exc)
+            logger.warning("batch of %d failed (%s); retrying its inputs one by one", len(indices), message)
             for i in indices:
                 self._run_isolated([i], prepared, want_disc, sampling, results, output)
             return

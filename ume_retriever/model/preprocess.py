@@ -88,14 +88,17 @@ class InputPreparer:
         Reads image headers (not pixels); never raises: a bad input gets an estimate too and
         fails properly when it is prepared.
         """
-        text = (item.instruction or "") + (item.text or "")
-        tokens = len(text) // 4
-        cap = _pixel_cap(self.processor)
-        for src in item.all_images():
-            tokens += _image_pixels(src, cap) // (28 * 28)
-        if item.video is not None:
-            tokens += self.num_video_frames // 2 * cap // (28 * 28)
-        return tokens
+        try:
+            text = str(item.instruction or "") + str(item.text or "")
+            tokens = len(text) // 4
+            cap = _pixel_cap(self.processor)
+            for src in item.all_images():
+                tokens += _image_pixels(src, cap) // (28 * 28)
+            if item.video is not None:
+                tokens += self.num_video_frames // 2 * cap // (28 * 28)
+            return tokens
+        except Exception:  # noqa: BLE001 - a malformed item fails properly in prepare()
+            return 0
 
     def prepare(self, item: Item) -> PreparedInput:
         """Raise ``InputError`` (naming the input) when the item cannot be encoded."""
@@ -133,7 +136,7 @@ class InputPreparer:
                 return_tensors="pt",
                 padding=False,
             )
-        except (ValueError, RuntimeError, TypeError) as exc:
+        except (ValueError, RuntimeError, TypeError, OSError) as exc:
             raise InputError(what, f"the processor rejected this input ({exc})") from None
         input_ids = enc["input_ids"][0]
         disc_hits = (input_ids == self.token_ids.disc).nonzero()

@@ -35,6 +35,9 @@ def resolve_token_ids(tokenizer: Any, generation_config: Any, source: str) -> UM
     if eos is None:
         eos = _lookup(tokenizer, "<|im_end|>", source)
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is not None and im_end != tokenizer.unk_token_id and int(im_end) not in eos_ids:
+        eos_ids = (int(im_end), *eos_ids)  # the end of the assistant turn always ends generation
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = getattr(generation_config, "pad_token_id", None)

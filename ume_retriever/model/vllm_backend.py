@@ -81,10 +81,11 @@ class VLLMBackend:
         from vllm import LLM
 
         if pooling and self._pooler is None:
-            self._pooler = LLM(
-                model=self.model_path, runner="pooling", convert="embed",
-                pooler_config={"pooling_type": "LAST", "normalize": False}, **self.llm_kwargs,
-            )
+            from vllm.config import PoolerConfig
+
+            # LAST pooling; the encoder L2-normalises afterwards either way.
+            self._pooler = LLM(model=self.model_path, runner="pooling", convert="embed",
+                               pooler_config=PoolerConfig(pooling_type="LAST"), **self.llm_kwargs)
         if not pooling and self._generator is None:
             self._generator = LLM(model=self.model_path, runner="generate", **self.llm_kwargs)
         return self._pooler if pooling else self._generator

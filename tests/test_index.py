@@ -1,0 +1,236 @@
+"""UMEIndex over real files and the embedded Qdrant Edge store: ingest, cache, updates, search."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pymupdf
+import pytest
+from PIL import Image, ImageDraw
+
+from helpers import write_mp4
+from ume_retriever import Fusion, Item, UMEIndex
+from ume_retriever.inputs.loaders import LoaderConfig
+
+
+def make_pdf(path: Path, texts: list[str]) -> Path:
+    doc = pymupdf.open()
+    for text in texts:
+        page = doc.new_page(width=200, height=260)
+        page.insert_text((20, 40), text, fontsize=12)
+    doc.save(str(path))
+    return path
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    make_pdf(root / "report.pdf", ["first page text", "second page text", "third page text"])
+    img = Image.new("RGB", (80, 60), "white")
+    ImageDraw.Draw(img).ellipse((10, 10, 50, 50), fill="red")
+    img.save(root / "red.png")
+    Image.new("RGB", (64, 64), "blue").save(root / "sub" / "blue.jpg")
+    (root / "notes.md").write_text("# Notes\nA green triangle above a square.")
+    write_mp4(root / "sub" / "clip.mp4", num_frames=12)
+    (root / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    (root / "empty.png").write_bytes(b"")
+    (root / "data.xyz").write_text("?")
+    os.symlink(root, root / "sub" / "loop")  # a symlink loop must not hang the walk
+    return root
+
+
+@pytest.fixture()
+def index(encoder, tmp_path):
+    idx = UMEIndex(encoder, tmp_path / "store")
+    yield idx
+    idx.close()
+
+
+def statuses(report):
+    return {(Path(e.source).name, e.locator): (e.status, e.reason) for e in report.entries}
+
+
+def test_ingest_reports_every_input(index, corpus):
+    report = index.add([corpus])
+    got = statuses(report)
+    assert {k for k, v in got.items() if v[0] == "indexed"} == {
+        ("report.pdf", "page=1"), ("report.pdf", "page=2"), ("report.pdf", "page=3"), ("red.png", ""),
+        ("blue.jpg", ""), ("notes.md", ""), ("clip.mp4", "clip=0.000-1.200"),
+    }
+    assert "not a readable PDF" in got[("broken.pdf", "")][1]
+    assert "empty" in got[("empty.png", "")][1]
+    assert "unsupported file type '.xyz'" in got[("data.xyz", "")][1]
+    assert len(report.entries) == 10 and index.count() == 7
+    hits = index.search("page", k=10, filter={"modality": "pdf_page"}, fusion="disc")
+    pages = {h.payload["page"]: h.payload for h in hits}
+    assert set(pages) == {1, 2, 3}
+    assert pages[2]["text"] == "second page text" and pages[2]["source"] == str(corpus / "report.pdf")
+    assert pages[2]["reasoning"] is not None and pages[2]["model"] == index.encoder.name_or_path
+
+
+def test_stored_vectors_are_the_encoders(index, corpus, encoder):
+    index.add([corpus / "red.png", corpus / "notes.md"])
+    query = Item(text="red things")
+    q = encoder.encode(query, mode="both")
+    for fusion in ("rrf", "weighted", "dbsf", "disc", "gen"):
+        hits = index.search(query, k=2, fusion=fusion)
+        for h in hits:
+            name = Path(h.source).name
+            ref = encoder.encode(Item(image=corpus / "red.png") if name == "red.png" else
+                                 Item(text=(corpus / "notes.md").read_text()), mode="both")
+            if fusion != "gen":
+                assert h.disc_score == pytest.approx(float(ref.disc @ q.disc), abs=1e-5)
+            if fusion != "disc":
+                assert h.gen_score == pytest.approx(float(ref.gen @ q.gen), abs=1e-5)
+    top = index.search(corpus / "red.png", k=1, fusion="disc")[0]  # an item finds itself
+    assert Path(top.source).name == "red.png" and top.disc_score == pytest.approx(1.0, abs=1e-5)
+    weighted = index.search(query, k=2, fusion=Fusion("weighted", disc_weight=0.25, gen_weight=0.75))
+    for h in weighted:
+        assert h.score == pytest.approx(0.25 * h.disc_score + 0.75 * h.gen_score, abs=1e-5)
+
+
+def test_reingest_skips_the_model_and_updates_replace(index, corpus, encoder):
+    first = index.add([corpus])
+    calls = []
+    encode = encoder.encode
+    encoder.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    try:
+        again = index.add([corpus])
+        assert calls == [] and len(again.unchanged) == 7 and len(again.failed) == 3
+        assert {e.id for e in again.unchanged} == {e.id for e in first.indexed}
+        # change page 2, drop page 3: one page re-encoded, one point removed, page 1 untouched
+        make_pdf(corpus / "report.pdf", ["first page text", "second page CHANGED"])
+        changed = index.add([corpus / "report.pdf"])
+    finally:
+        del encoder.encode
+    got = statuses(changed)
+    assert got[("report.pdf", "page=1")][0] == "unchanged" and got[("report.pdf", "page=2")][0] == "indexed"
+    assert changed.deleted_stale == 2 and len(calls) == 1
+    assert index.count({"source": str(corpus / "report.pdf")}) == 2 and index.count() == 6
+    texts = sorted(h.payload["text"] for h in index.search("x", k=10, filter={"source": str(corpus / "report.pdf")}))
+    assert texts == ["first page text", "second page CHANGED"]
+    assert index.delete(corpus / "report.pdf") == 2 and index.count() == 4
+
+
+def test_items_with_metadata_filters_and_disc_only_index(encoder, tmp_path):
+    idx = UMEIndex(encoder, tmp_path / "disc-only", vectors=["disc"])
+    calls = []
+    encode = encoder.encode
+    encoder.encode = lambda *a, **k: calls.append(k.get("mode")) or encode(*a, **k)
+    try:
+        items = [Item(text=f"note {i}", metadata={"source": f"db://notes/{i}", "team": "a" if i % 2 else "b"})
+                 for i in range(6)]
+        report = idx.add(items)
+        hits = idx.search("note", k=10, filter={"team": "a"})  # rrf asked, only disc exists
+    finally:
+        del encoder.encode
+    assert len(report.indexed) == 6 and set(calls) == {"disc"}
+    assert {h.payload["source"] for h in hits} == {"db://notes/1", "db://notes/3", "db://notes/5"}
+    assert all(h.gen_score is None and h.disc_score is not None for h in hits)
+    with pytest.raises(ValueError, match="only disc"):
+        idx.search("note", fusion="gen")
+    assert len(idx.add(items).unchanged) == 6
+    idx.close()
+
+
+def test_loader_options(encoder, tmp_path, corpus):
+    idx = UMEIndex(encoder, tmp_path / "opts", loader=LoaderConfig(text_chunk_chars=20, text_chunk_overlap=5,
+                                                                   video_clip_seconds=0.5, pdf_dpi=72))
+    report = idx.add([corpus / "notes.md", corpus / "sub" / "clip.mp4"])
+    locs = sorted(e.locator for e in report.indexed)
+    assert [l for l in locs if l.startswith("clip")] == ["clip=0.000-0.500", "clip=0.500-1.000", "clip=1.000-1.200"]
+    assert len([l for l in locs if l.startswith("chunk")]) >= 2
+    idx.close()
+
+
+def test_search_while_ingesting(encoder, tmp_path):
+    idx = UMEIndex(encoder, tmp_path / "busy", batch_size=2)
+    idx.add([Item(text=f"seed {i}") for i in range(4)])
+    errors, results = [], []
+    stop = threading.Event()
+
+    def searcher():
+        while not stop.is_set():
+            try:
+                hits = idx.search("query text", k=5, fusion="disc")
+                scores = [h.score for h in hits]
+                assert scores == sorted(scores, reverse=True) and all(h.payload.get("source") for h in hits)
+                results.append(len(hits))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    report = idx.add([Item(text=f"doc number {i}") for i in range(24)])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert results and len(report.indexed) == 24 and idx.count() == 28
+    idx.close()
+
+
+CHILD = """
+import sys, os
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+from ume_retriever import UMEEncoder, UMEIndex, Item
+enc = UMEEncoder.from_pretrained(sys.argv[1], device="cpu", dtype=torch.float32, max_new_tokens=4)
+idx = UMEIndex(enc, sys.argv[2], batch_size=2)
+upsert = idx.store.upsert
+def logged(points):
+    upsert(points)
+    print("upserted", len(points), flush=True)
+idx.store.upsert = logged
+print("ready", flush=True)
+report = idx.add([sys.argv[3]])
+print("done", len(report.indexed), len(report.unchanged), flush=True)
+"""
+
+
+def test_kill_9_mid_ingest_then_resume(tiny_ckpt, tmp_path, encoder):
+    """SIGKILL a real ingest at several points; each restart must converge to exactly the items."""
+    corpus = tmp_path / "many"
+    corpus.mkdir()
+    make_pdf(corpus / "a.pdf", [f"page {i}" for i in range(5)])
+    for i in range(5):
+        (corpus / f"t{i}.txt").write_text(f"text file {i}")
+    store = tmp_path / "crash-store"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    args = [sys.executable, str(script), str(tiny_ckpt), str(store), str(corpus)]
+    for kill_after in (1, 3, 4):  # upsert lines seen before the kill
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        seen = 0
+        for line in proc.stdout:
+            if line.startswith("upserted"):
+                seen += 1
+                if seen == kill_after:
+                    time.sleep(0.05 * kill_after)  # land somewhere inside the next batch's work
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            if line.startswith("done"):
+                break
+        proc.wait()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = [line for line in proc.stdout.splitlines() if line.startswith("done")][0].split()
+    assert int(done[1]) + int(done[2]) == 10  # every item accounted for in the last run
+    idx = UMEIndex(encoder, store)
+    assert idx.count() == 10
+    expected_pages = {f"page={i}" for i in range(1, 6)}
+    hits = idx.search("x", k=20, fusion="disc")
+    locators = sorted(h.payload["locator"] for h in hits)
+    assert len(hits) == 10 and {l for l in locators if l} == expected_pages
+    assert len({h.id for h in hits}) == 10
+    assert len(idx.add([corpus]).unchanged) == 10  # manifests complete: nothing to redo
+    idx.close()
