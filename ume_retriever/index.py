@@ -145,6 +145,7 @@ class UMEIndex:
         batch_size: int | None = None,
         default_fusion: Fusion | str = "rrf",
         prefetch_factor: int = 4,
+        flush_batches: int = 4,
     ):
         if not set(vectors) <= {DISC, GEN} or not vectors:
             raise ValueError(f"vectors must be 'disc', 'gen' or both, got {vectors!r}")
@@ -160,6 +161,7 @@ class UMEIndex:
         if self.loader.pdf_max_pixels is None:
             self.loader = LoaderConfig(**{**self.loader.__dict__, "pdf_max_pixels": cap})
         self.batch_size = batch_size or encoder.batch_size
+        self.flush_batches = max(1, flush_batches)  # batches encoded (then upserted) together
         self.default_fusion = Fusion.parse(default_fusion)
         if prefetch_factor < 1:
             raise ValueError("prefetch_factor must be >= 1")
@@ -177,7 +179,8 @@ class UMEIndex:
         report = IngestReport()
         if isinstance(inputs, (str, os.PathLike, Item)):
             inputs = [inputs]
-        work: queue.Queue = queue.Queue(maxsize=4 * self.batch_size)
+        # Bounded (rendered pages wait here), but deep enough for the loader to run a flush ahead.
+        work: queue.Queue = queue.Queue(maxsize=2 * self.batch_size * self.flush_batches)
         loader = threading.Thread(target=self._produce, args=(list(inputs), work), daemon=True)
         loader.start()  # loading/rendering overlaps with encoding
         from tqdm.auto import tqdm
@@ -185,6 +188,19 @@ class UMEIndex:
         pending: list[tuple[LoadedItem, str]] = []
         source_ids: dict[str, set[str]] = {}
         source_failed: set[str] = set()
+        loaded_sources: list[tuple[str, str]] = []  # fully loaded files waiting for their last batch
+
+        def flush() -> None:
+            nonlocal pending
+            self._flush(pending, report, source_failed)
+            bar.update(len(pending))
+            pending = []
+            # Files whose items are all in the store now: drop stale points, write manifests.
+            for src, fhash in loaded_sources:
+                if src not in source_failed:
+                    report.deleted_stale += self._finish_source(src, fhash, source_ids.get(src, set()))
+            loaded_sources.clear()
+
         with tqdm(desc="indexing", unit="item", disable=not show_progress) as bar:
             while True:
                 msg = work.get()
@@ -202,18 +218,12 @@ class UMEIndex:
                     pid = point_id(loaded.source, loaded.locator, loaded.content_hash, self.vectors)
                     source_ids.setdefault(loaded.source, set()).add(pid)
                     pending.append((loaded, pid))
-                    if len(pending) >= self.batch_size:
-                        self._flush(pending, report, source_failed)
-                        bar.update(len(pending))
-                        pending = []
-                elif kind == "done":  # a file is fully loaded: finish it once its items are in
-                    self._flush(pending, report, source_failed)
-                    bar.update(len(pending))
-                    pending = []
-                    src, fhash = payload
-                    if src not in source_failed:
-                        report.deleted_stale += self._finish_source(src, fhash, source_ids.get(src, set()))
-        self._flush(pending, report, source_failed)
+                    # A few batches per encode call: encode() sorts them by length (less padding).
+                    if len(pending) >= self.batch_size * self.flush_batches:
+                        flush()
+                elif kind == "done":  # finished at the next flush, so small files share batches
+                    loaded_sources.append(payload)
+            flush()
         loader.join()
         report.seconds = time.perf_counter() - started
         logger.info("ingest: %s", report.summary())
