@@ -51,7 +51,9 @@ def p50(fn, repeats: int) -> float:
 def store_bench(n: int, dim: int, local_queries: int, out: dict) -> None:
     rng = np.random.default_rng(0)
     disc, gen = clustered(n, dim, rng), clustered(n, dim, rng)
-    queries = clustered(40, dim, rng)
+    # queries near the data (a perturbed stored vector), as real queries are
+    queries = disc[rng.integers(0, n, 40)] + 0.3 * rng.normal(size=(40, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     ids = [str(uuid.uuid5(uuid.NAMESPACE_URL, str(i))) for i in range(n)]
     schema = StoreSchema(vector_size=dim, model="bench")
     points = [StoredPoint(ids[i], {"disc": disc[i], "gen": gen[i]}, {"source": f"s{i % 100}"}) for i in range(n)]

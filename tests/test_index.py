@@ -234,3 +234,34 @@ def test_kill_9_mid_ingest_then_resume(tiny_ckpt, tmp_path, encoder):
     assert len({h.id for h in hits}) == 10
     assert len(idx.add([corpus]).unchanged) == 10  # manifests complete: nothing to redo
     idx.close()
+
+
+def test_encrypted_and_truncated_files_are_reported(index, tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    doc = pymupdf.open()
+    doc.new_page().insert_text((20, 40), "secret")
+    doc.save(str(root / "locked.pdf"), encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="u", owner_pw="o")
+    noise = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "cut.png")
+    data = (root / "cut.png").read_bytes()
+    (root / "cut.png").write_bytes(data[: len(data) // 2])
+    (root / "ok.txt").write_text("fine")
+    got = statuses(index.add([root]))
+    assert got[("locked.pdf", "")] == ("failed", "PDF is encrypted (password required)")
+    assert got[("cut.png", "")][0] == "failed" and "truncated or corrupt" in got[("cut.png", "")][1]
+    assert got[("ok.txt", "")][0] == "indexed" and index.count() == 1
+
+
+def test_pass_at_k_query_fuses_k_gen_samples(index, corpus, encoder):
+    index.add([corpus / "red.png", corpus / "notes.md", corpus / "report.pdf"])
+    hits = index.search("a red circle", k=4, gen_samples=3, seed=5)
+    samples = encoder.encode("a red circle", mode="both", num_samples=3, seed=5).samples
+    assert len(hits) == 4
+    for h in hits:
+        ref = encoder.encode(Item(image=Path(h.source)) if h.source.endswith(".png") else
+                             Item(text=h.payload["text"]) if h.source.endswith(".md") else None, mode="gen") \
+            if not h.source.endswith(".pdf") else None
+        if ref is not None:
+            expected = np.mean([float(ref.gen @ s.vector) for s in samples])
+            assert h.gen_score == pytest.approx(expected, abs=1e-5)

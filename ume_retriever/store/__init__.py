@@ -39,4 +39,4 @@ def open_store(
         return QdrantStore(schema, location=":memory:", collection=collection, **options)
     from .edge import EdgeStore
 
-    return EdgeStore(path or "ume-index", schema, collection=collection)
+    return EdgeStore(path or "ume-index", schema, collection=collection, **options)

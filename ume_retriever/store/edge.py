@@ -30,10 +30,13 @@ LOCK_FILE = ".lock"
 class EdgeStore:
     """The embedded default store: one folder, no server."""
 
-    def __init__(self, path: str | os.PathLike, schema: StoreSchema, collection: str = "ume"):
+    def __init__(self, path: str | os.PathLike, schema: StoreSchema, collection: str = "ume", hnsw_ef: int | None = 512):
+        """``hnsw_ef``: HNSW search breadth per query vector (Qdrant's default is 100; 512 measured
+        recall@10 0.99 on hard clustered 1536-d data at 20k points, ~2.4x the latency)."""
         import qdrant_edge as qe
 
         self._qe = qe
+        self._search_params = qe.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
         self.schema = schema
         self.root = Path(path) / collection
         self.location = str(self.root)
@@ -122,7 +125,7 @@ class EdgeStore:
         if not points:
             return
         qe = self._qe
-        batch = [qe.Point(id=p.id, vector={k: list(map(float, v)) for k, v in p.vectors.items()},
+        batch = [qe.Point(id=p.id, vector={k: np.asarray(v, dtype=np.float32).tolist() for k, v in p.vectors.items()},
                           payload=p.payload) for p in points]
         with self._mutex:
             self._shard.update(qe.UpdateOperation.upsert_points(batch))
@@ -170,11 +173,12 @@ class EdgeStore:
                                       with_vector=list(VECTOR_NAMES))
         if len(kept) == 1:
             q = kept[0][0]
-            request = qe.QueryRequest(query=qe.Query.Nearest(list(map(float, q.vector)), using=q.using), **common)
+            request = qe.QueryRequest(query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using),
+                                      params=self._search_params, **common)
         else:
             prefetches = [
-                qe.Prefetch(limit=prefetch_limit, query=qe.Query.Nearest(list(map(float, q.vector)), using=q.using),
-                            filter=engine_filter)
+                qe.Prefetch(limit=prefetch_limit, query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using),
+                            filter=engine_filter, params=self._search_params)
                 for q, _ in kept
             ]
             request = qe.QueryRequest(prefetches=prefetches, query=self._fusion_query(fusion, [w for _, w in kept]),

@@ -42,10 +42,12 @@ class QdrantStore:
         quantization_config: Any = None,
         hnsw_config: Any = None,
         timeout: int | None = None,
+        hnsw_ef: int | None = 512,
     ):
         from qdrant_client import QdrantClient, models
 
         self._m = models
+        self._search_params = models.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
         self.schema = schema
         self._is_server = url is not None
         self.collection = collection
@@ -133,7 +135,7 @@ class QdrantStore:
         if not points:
             return
         m = self._m
-        batch = [m.PointStruct(id=p.id, vector={k: list(map(float, v)) for k, v in p.vectors.items()},
+        batch = [m.PointStruct(id=p.id, vector={k: np.asarray(v, dtype=np.float32).tolist() for k, v in p.vectors.items()},
                                payload=p.payload) for p in points]
         with self._mutex:
             self.client.upsert(self.collection, batch, wait=True)
@@ -183,11 +185,11 @@ class QdrantStore:
         with self._mutex:
             if len(kept) == 1:
                 q = kept[0][0]
-                result = self.client.query_points(self.collection, query=list(map(float, q.vector)), using=q.using,
-                                                  **common)
+                result = self.client.query_points(self.collection, query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using,
+                                                  search_params=self._search_params, **common)
             else:
-                prefetch = [m.Prefetch(query=list(map(float, q.vector)), using=q.using, limit=prefetch_limit,
-                                       filter=engine_filter) for q, _ in kept]
+                prefetch = [m.Prefetch(query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using, limit=prefetch_limit,
+                                       filter=engine_filter, params=self._search_params) for q, _ in kept]
                 result = self.client.query_points(self.collection, prefetch=prefetch,
                                                   query=self._fusion_query(fusion, [w for _, w in kept]), **common)
         return [
