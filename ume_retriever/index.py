@@ -391,15 +391,15 @@ class UMEIndex:
         res = self.encoder.encode(item, mode=mode, **sampling)
         res.raise_for_error()
         queries = [VectorQuery(DISC, res.disc)] if res.disc is not None else []
-        gen_vectors = [np.asarray(s.vector) for s in res.samples]
-        queries += [VectorQuery(GEN, v) for v in gen_vectors]
+        queries += [VectorQuery(GEN, np.asarray(s.vector)) for s in res.samples]
         factor = prefetch_factor or self.prefetch_factor
         stored = self.store.query(queries, fusion, limit=k, prefetch_limit=k * factor, flt=filter)
         hits = []
+        gen_rows = [i for i, q in enumerate(queries) if q.using == GEN]
         for h in stored:
-            disc_score = float(h.vectors[DISC] @ res.disc) if res.disc is not None and DISC in h.vectors else None
-            gen_score = (float(np.mean([h.vectors[GEN] @ v for v in gen_vectors]))
-                         if gen_vectors and GEN in h.vectors else None)
+            disc_score = h.query_scores[0] if res.disc is not None else None
+            gen_scores = [h.query_scores[i] for i in gen_rows if h.query_scores[i] is not None]
+            gen_score = float(np.mean(gen_scores)) if gen_scores else None
             hits.append(Hit(id=h.id, score=h.score, disc_score=disc_score, gen_score=gen_score, payload=h.payload))
         return hits
 

@@ -85,10 +85,13 @@ class VectorQuery:
 
 @dataclass
 class StoredHit:
+    """A result: its fused score, payload, and the cosine to each query vector (in the order
+    of the ``queries`` given; None where the point lacks that named vector)."""
+
     id: str
     score: float
     payload: dict[str, Any]
-    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    query_scores: list[float | None] = field(default_factory=list)
 
 
 class VectorStore(Protocol):

@@ -169,8 +169,7 @@ class EdgeStore:
         qe = self._qe
         kept = weighted_queries(queries, fusion)
         engine_filter = self._filter(flt)
-        common: dict[str, Any] = dict(limit=limit, filter=engine_filter, with_payload=True,
-                                      with_vector=list(VECTOR_NAMES))
+        common: dict[str, Any] = dict(limit=limit, filter=engine_filter, with_payload=True, with_vector=False)
         if len(kept) == 1:
             q = kept[0][0]
             request = qe.QueryRequest(query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using),
@@ -185,11 +184,26 @@ class EdgeStore:
                                       **common)
         with self._mutex:
             points = self._shard.query(request)
-        return [
-            StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}),
-                      vectors={k: np.asarray(v, dtype=np.float32) for k, v in (p.vector or {}).items()})
-            for p in points
+            hits = [StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
+            self._score_each(hits, queries)
+        return hits
+
+    def _score_each(self, hits: list[StoredHit], queries: Sequence[VectorQuery]) -> None:
+        """Each hit's cosine to each query vector, by exact scoring restricted to the hits (no
+        vectors travel back to Python)."""
+        if not hits:
+            return
+        qe = self._qe
+        only_hits = qe.Filter(must=[qe.HasIdCondition({h.id for h in hits})])
+        requests = [
+            qe.QueryRequest(limit=len(hits), filter=only_hits, params=qe.SearchParams(exact=True),
+                            query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using))
+            for q in queries
         ]
+        for results in self._shard.query_batch(qe.QueryBatchRequest(requests)):
+            by_id = {str(r.id): float(r.score) for r in results}
+            for h in hits:
+                h.query_scores.append(by_id.get(h.id))
 
     def optimize(self) -> None:
         """Build the HNSW indexes (do it once after a large ingest, not per batch)."""

@@ -180,8 +180,7 @@ class QdrantStore:
         m = self._m
         kept = weighted_queries(queries, fusion)
         engine_filter = self._filter(flt)
-        common: dict[str, Any] = dict(limit=limit, query_filter=engine_filter, with_payload=True,
-                                      with_vectors=list(VECTOR_NAMES))
+        common: dict[str, Any] = dict(limit=limit, query_filter=engine_filter, with_payload=True, with_vectors=False)
         with self._mutex:
             if len(kept) == 1:
                 q = kept[0][0]
@@ -192,11 +191,25 @@ class QdrantStore:
                                        filter=engine_filter, params=self._search_params) for q, _ in kept]
                 result = self.client.query_points(self.collection, prefetch=prefetch,
                                                   query=self._fusion_query(fusion, [w for _, w in kept]), **common)
-        return [
-            StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}),
-                      vectors={k: np.asarray(v, dtype=np.float32) for k, v in (p.vector or {}).items()})
-            for p in result.points
+            hits = [StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in result.points]
+            self._score_each(hits, queries)
+        return hits
+
+    def _score_each(self, hits: list[StoredHit], queries: Sequence[VectorQuery]) -> None:
+        """Each hit's cosine to each query vector, by exact scoring restricted to the hits."""
+        if not hits:
+            return
+        m = self._m
+        only_hits = m.Filter(must=[m.HasIdCondition(has_id=[h.id for h in hits])])
+        requests = [
+            m.QueryRequest(query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using, filter=only_hits,
+                           limit=len(hits), params=m.SearchParams(exact=True), with_payload=False)
+            for q in queries
         ]
+        for response in self.client.query_batch_points(self.collection, requests):
+            by_id = {str(p.id): float(p.score) for p in response.points}
+            for h in hits:
+                h.query_scores.append(by_id.get(h.id))
 
     def optimize(self) -> None:
         """Nothing to do: a server builds its indexes itself; local mode has none."""
