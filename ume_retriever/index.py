@@ -27,6 +27,7 @@ import numpy as np
 from .errors import InputError
 from .fusion import Fusion
 from .inputs.item import Item, as_item
+from .model.preprocess import pixel_cap
 from .inputs.loaders import FileLoadError, LoadedItem, LoaderConfig, LoadFailure, file_hash, load_file, walk
 from .store import DISC, GEN, FilterSpec, StoredPoint, StoreSchema, VectorQuery, VectorStore, open_store
 
@@ -156,7 +157,7 @@ class UMEIndex:
         if store is None or isinstance(store, (str, os.PathLike)):
             store = open_store(self.schema, store, collection=collection)
         self.store: VectorStore = store
-        cap = _pixel_cap(encoder)
+        cap = pixel_cap(encoder.processor)
         self.loader = loader or LoaderConfig(pdf_max_pixels=cap)
         if self.loader.pdf_max_pixels is None:
             self.loader = LoaderConfig(**{**self.loader.__dict__, "pdf_max_pixels": cap})
@@ -425,9 +426,3 @@ def _modality(item: Item) -> str:
     if item.all_images():
         return "image+text" if item.text else "image"
     return "text"
-
-
-def _pixel_cap(encoder: Any) -> int | None:
-    size = getattr(getattr(encoder.processor, "image_processor", None), "size", None)
-    cap = getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
-    return int(cap) if cap else None

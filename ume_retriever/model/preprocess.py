@@ -91,7 +91,7 @@ class InputPreparer:
         try:
             text = str(item.instruction or "") + str(item.text or "")
             tokens = len(text) // 4
-            cap = _pixel_cap(self.processor)
+            cap = pixel_cap(self.processor)
             for src in item.all_images():
                 tokens += _image_pixels(src, cap) // (28 * 28)
             if item.video is not None:
@@ -181,7 +181,8 @@ class InputPreparer:
         return prepared
 
 
-def _pixel_cap(processor: Any) -> int:
+def pixel_cap(processor: Any) -> int:
+    """The image processor's max pixels per image."""
     size = getattr(getattr(processor, "image_processor", None), "size", None)
     cap = getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
     return int(cap or 28 * 28 * 1280)
