@@ -47,7 +47,8 @@ class QdrantStore:
         from qdrant_client import QdrantClient, models
 
         self._m = models
-        self._search_params = models.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
+        # Local mode is brute force (exact) and warns about search params: servers only.
+        self._search_params = models.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef and url is not None else None
         self.schema = schema
         self._is_server = url is not None
         self.collection = collection
@@ -203,7 +204,8 @@ class QdrantStore:
         only_hits = m.Filter(must=[m.HasIdCondition(has_id=[h.id for h in hits])])
         requests = [
             m.QueryRequest(query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using, filter=only_hits,
-                           limit=len(hits), params=m.SearchParams(exact=True), with_payload=False)
+                           limit=len(hits), params=m.SearchParams(exact=True) if self._is_server else None,
+                           with_payload=False)
             for q in queries
         ]
         for response in self.client.query_batch_points(self.collection, requests):
