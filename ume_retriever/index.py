@@ -187,7 +187,7 @@ class UMEIndex:
         from tqdm.auto import tqdm
 
         pending: list[tuple[LoadedItem, str]] = []
-        source_ids: dict[str, set[str]] = {}
+        source_ids: dict[str, dict[str, str]] = {}  # source -> {point id: locator}
         source_failed: set[str] = set()
         loaded_sources: list[tuple[str, str]] = []  # fully loaded files waiting for their last batch
 
@@ -197,9 +197,8 @@ class UMEIndex:
             bar.update(len(pending))
             pending = []
             # Files whose items are all in the store now: drop stale points, write manifests.
-            for src, fhash in loaded_sources:
-                if src not in source_failed:
-                    report.deleted_stale += self._finish_source(src, fhash, source_ids.get(src, set()))
+            done = [(src, fhash, source_ids.get(src, {})) for src, fhash in loaded_sources if src not in source_failed]
+            report.deleted_stale += self._finish_sources(done)
             loaded_sources.clear()
 
         with tqdm(desc="indexing", unit="item", disable=not show_progress) as bar:
@@ -217,10 +216,13 @@ class UMEIndex:
                 elif kind == "item":
                     loaded: LoadedItem = payload
                     pid = point_id(loaded.source, loaded.locator, loaded.content_hash, self.vectors)
-                    source_ids.setdefault(loaded.source, set()).add(pid)
+                    source_ids.setdefault(loaded.source, {})[pid] = loaded.locator
                     pending.append((loaded, pid))
-                    # A few batches per encode call: encode() sorts them by length (less padding).
-                    if len(pending) >= self.batch_size * self.flush_batches:
+                    # A few batches per encode call (encode() sorts them by length, less padding),
+                    # but never let the model wait for the loader: go as soon as a batch is
+                    # ready and nothing else is queued.
+                    if len(pending) >= self.batch_size * self.flush_batches or (
+                            len(pending) >= self.batch_size and work.empty()):
                         flush()
                 elif kind == "done":  # finished at the next flush, so small files share batches
                     loaded_sources.append(payload)
@@ -337,18 +339,21 @@ class UMEIndex:
             report.entries.append(IngestEntry(loaded.source, loaded.locator, "indexed", id=pid))
         self.store.upsert(points)
 
-    def _finish_source(self, source: str, fhash: str, ids: set[str]) -> int:
-        """Delete the source's points that are not current, then write its manifest (last)."""
-        stale = [pid for pid, _ in self.store.scroll({"source": source, "kind": "item"}, []) if pid not in ids]
+    def _finish_sources(self, done: list[tuple[str, str, dict[str, str]]]) -> int:
+        """For fully loaded files: delete points that are not current, then write their
+        manifests (last, in one upsert: a crash before it only means a slow path next time)."""
+        if not done:
+            return 0
+        stale = []
+        for source, _, ids in done:
+            stale += [pid for pid, _ in self.store.scroll({"source": source, "kind": "item"}, []) if pid not in ids]
         self.store.delete_ids(stale)
-        items = sorted(
-            ((pid, p.get("locator", "")) for pid, p in self.store.scroll({"source": source, "kind": "item"},
-                                                                           ["locator"])),
-            key=lambda x: x[1],
-        )
-        self.store.upsert([StoredPoint(id=manifest_id(source), vectors={}, payload={
-            "kind": "manifest", "source": source, "file_hash": fhash, "vectors": list(self.vectors),
-            "items": [list(x) for x in items]})])
+        self.store.upsert([
+            StoredPoint(id=manifest_id(source), vectors={}, payload={
+                "kind": "manifest", "source": source, "file_hash": fhash, "vectors": list(self.vectors),
+                "items": sorted([pid, loc] for pid, loc in ids.items())})
+            for source, fhash, ids in done
+        ])
         return len(stale)
 
     def optimize(self) -> None:
