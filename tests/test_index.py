@@ -265,3 +265,16 @@ def test_pass_at_k_query_fuses_k_gen_samples(index, corpus, encoder):
         if ref is not None:
             expected = np.mean([float(ref.gen @ s.vector) for s in samples])
             assert h.gen_score == pytest.approx(expected, abs=1e-5)
+
+
+def test_delete_by_item_source_and_by_relative_path_of_a_removed_file(index, tmp_path, monkeypatch):
+    index.add([Item(text="kept", metadata={"source": "notes-1"}), Item(text="gone", metadata={"source": "db://x/2"})])
+    folder = tmp_path / "rel"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a file")
+    index.add([folder / "a.txt"])
+    assert index.count() == 3
+    assert index.delete("db://x/2") == 1 and index.delete("notes-1") == 1
+    monkeypatch.chdir(folder)
+    (folder / "a.txt").unlink()
+    assert index.delete("a.txt") == 1 and index.count() == 0

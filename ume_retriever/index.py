@@ -238,9 +238,9 @@ class UMEIndex:
 
     def delete(self, source: str | os.PathLike) -> int:
         """Remove every point of a source (a file path or an item's ``metadata['source']``)."""
-        key = _source_key(source)
-        n = self.store.count({"source": key, "kind": "item"})
-        self.store.delete_where({"source": key})
+        keys = _source_keys(source)
+        n = self.store.count({"source": keys, "kind": "item"})
+        self.store.delete_where({"source": keys})
         return n
 
     def count(self, flt: FilterSpec | None = None) -> int:
@@ -419,10 +419,14 @@ class UMEIndex:
         self.close()
 
 
-def _source_key(source: str | os.PathLike) -> str:
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.exists(source)):
-        return str(Path(source).expanduser().absolute())
-    return str(source)
+def _source_keys(source: str | os.PathLike) -> list[str]:
+    """How a source may be stored: files as absolute paths (even once gone from disk), item
+    sources (``metadata['source']``, e.g. "db://notes/1") as given."""
+    text = os.fspath(source)
+    keys = [str(Path(text).expanduser().absolute())]
+    if not isinstance(source, os.PathLike) and text not in keys:
+        keys.append(text)
+    return keys
 
 
 def _modality(item: Item) -> str:
