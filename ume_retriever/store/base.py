@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
-import numpy as np
 
 from ..errors import UMEError
 from ..fusion import Fusion
@@ -129,6 +128,18 @@ def weighted_queries(queries: Sequence[VectorQuery], fusion: Fusion) -> list[tup
     if not kept:
         raise ValueError("every query vector has weight 0")
     return kept
+
+
+def classify_conditions(flt: FilterSpec) -> Iterator[tuple[str, str, Any]]:
+    """``(key, kind, value)`` per condition, kind "range" | "any" | "eq": the one reading of
+    our filter format; each backend only builds its engine's objects from it."""
+    for key, value in flt.items():
+        if isinstance(value, Mapping):
+            yield key, "range", split_range(value)
+        elif isinstance(value, (list, tuple, set)):
+            yield key, "any", list(value)
+        else:
+            yield key, "eq", value
 
 
 def split_range(value: Mapping[str, Any]) -> dict[str, float]:

@@ -19,7 +19,7 @@ import numpy as np
 from ..fusion import Fusion
 from .base import (
     INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, SchemaMismatchError, StoredHit, StoredPoint, StoreLockedError,
-    StoreSchema, VectorQuery, split_range, weighted_queries,
+    StoreSchema, VectorQuery, classify_conditions, weighted_queries,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,15 +99,12 @@ class EdgeStore:
         if not flt:
             return None
         qe = self._qe
-        must = []
-        for key, value in flt.items():
-            if isinstance(value, dict):
-                must.append(qe.FieldCondition(key=key, range=qe.RangeFloat(**split_range(value))))
-            elif isinstance(value, (list, tuple, set)):
-                must.append(qe.FieldCondition(key=key, match=qe.MatchAny(list(value))))
-            else:
-                must.append(qe.FieldCondition(key=key, match=qe.MatchValue(value)))
-        return qe.Filter(must=must)
+        build = {
+            "range": lambda k, v: qe.FieldCondition(key=k, range=qe.RangeFloat(**v)),
+            "any": lambda k, v: qe.FieldCondition(key=k, match=qe.MatchAny(v)),
+            "eq": lambda k, v: qe.FieldCondition(key=k, match=qe.MatchValue(v)),
+        }
+        return qe.Filter(must=[build[kind](key, value) for key, kind, value in classify_conditions(flt)])
 
     def _fusion_query(self, fusion: Fusion, weights: list[float]) -> Any:
         qe = self._qe

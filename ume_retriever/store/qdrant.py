@@ -17,7 +17,7 @@ import numpy as np
 from ..fusion import Fusion
 from .base import (
     INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, StoredHit, StoredPoint, StoreLockedError, StoreSchema, VectorQuery,
-    split_range, weighted_queries,
+    classify_conditions, weighted_queries,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,15 +109,12 @@ class QdrantStore:
         if not flt:
             return None
         m = self._m
-        must = []
-        for key, value in flt.items():
-            if isinstance(value, dict):
-                must.append(m.FieldCondition(key=key, range=m.Range(**split_range(value))))
-            elif isinstance(value, (list, tuple, set)):
-                must.append(m.FieldCondition(key=key, match=m.MatchAny(any=list(value))))
-            else:
-                must.append(m.FieldCondition(key=key, match=m.MatchValue(value=value)))
-        return m.Filter(must=must)
+        build = {
+            "range": lambda k, v: m.FieldCondition(key=k, range=m.Range(**v)),
+            "any": lambda k, v: m.FieldCondition(key=k, match=m.MatchAny(any=v)),
+            "eq": lambda k, v: m.FieldCondition(key=k, match=m.MatchValue(value=v)),
+        }
+        return m.Filter(must=[build[kind](key, value) for key, kind, value in classify_conditions(flt)])
 
     def _fusion_query(self, fusion: Fusion, weights: list[float]) -> Any:
         m = self._m
