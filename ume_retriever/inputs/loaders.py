@@ -152,29 +152,43 @@ def load_file(path: Path, config: LoaderConfig, fhash: str | None = None) -> Ite
         yield from _text_chunks(path, config, fhash)
 
 
-def _pdf_pages(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedItem]:
+def render_page(page: Any, dpi: int, max_pixels: int | None) -> Image.Image:
+    """One pymupdf page as an RGB image at ``dpi``, scaled down to fit ``max_pixels``."""
+    import pymupdf
+
+    zoom = dpi / 72
+    width, height = page.rect.width * zoom, page.rect.height * zoom
+    if max_pixels and width * height > max_pixels:
+        zoom *= (max_pixels / (width * height)) ** 0.5
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
+    return Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+
+
+def open_pdf(path: Path) -> Any:
+    """Open a PDF for reading pages; ``FileLoadError`` says why it cannot be read."""
     import pymupdf
 
     try:
         doc = pymupdf.open(path)
     except Exception as exc:  # noqa: BLE001 - pymupdf raises several types for broken files
         raise FileLoadError(f"not a readable PDF ({exc})") from None
-    with doc:
-        if doc.needs_pass:
-            raise FileLoadError("PDF is encrypted (password required)")
-        if doc.page_count == 0:
-            raise FileLoadError("PDF has zero pages")
+    if doc.needs_pass:
+        doc.close()
+        raise FileLoadError("PDF is encrypted (password required)")
+    if doc.page_count == 0:
+        doc.close()
+        raise FileLoadError("PDF has zero pages")
+    return doc
+
+
+def _pdf_pages(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedItem]:
+    with open_pdf(path) as doc:
         for number in range(doc.page_count):
             try:
                 page = doc.load_page(number)
-                zoom = config.pdf_dpi / 72
-                width, height = page.rect.width * zoom, page.rect.height * zoom
-                if config.pdf_max_pixels and width * height > config.pdf_max_pixels:
-                    zoom *= (config.pdf_max_pixels / (width * height)) ** 0.5
-                pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
-                image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+                image = render_page(page, config.pdf_dpi, config.pdf_max_pixels)
                 text = page.get_text().strip()
-                chash = _hash(pix.samples, str(pix.width), str(pix.height))
+                chash = _hash(image.tobytes(), str(image.width), str(image.height))
             except Exception as exc:  # noqa: BLE001
                 raise FileLoadError(f"page {number + 1}: cannot render ({exc})") from None
             yield LoadedItem(

@@ -219,13 +219,25 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec |
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model, processor = build_random_model(seed, spec)
-    model.save_pretrained(path, safe_serialization=True)
-    # The published checkpoints (saved by transformers 4.x) keep each component in its own
-    # file: preprocessor_config.json, tokenizer files, chat_template.json; no processor_config.json.
+    save_published_layout(model, processor, path)
+    (path / "ume_tiny_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2))
+    return path
+
+
+def save_published_layout(model: Any, processor: Any, path: str | Path, state_dict: dict | None = None) -> Path:
+    """Write a Qwen2-VL model and its processor as the published checkpoints are laid out.
+
+    Those (saved by transformers 4.x) keep each component in its own file:
+    ``preprocessor_config.json``, tokenizer files, ``chat_template.json``; no
+    ``processor_config.json``. ``ume_train`` saves its checkpoints through this too.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     processor.image_processor.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template()}, indent=2))
-    (path / "ume_tiny_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2))
+    template = getattr(processor, "chat_template", None) or chat_template()
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
     return path
 
 

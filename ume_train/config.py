@@ -1,0 +1,96 @@
+"""Trainer configs: dataclasses with help text on every field; ``__post_init__`` validates only.
+
+``SFTConfig`` extends transformers' ``TrainingArguments`` (as TRL's configs do), so every
+launcher option works unchanged: ``deepspeed=...json``, ``fsdp=...``, ``bf16``,
+``gradient_accumulation_steps``, ``save_steps``, ``resume_from_checkpoint``. YAML files and
+command lines are parsed by ``HfArgumentParser``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .data.records import FORMATS
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class SFTConfig(TrainingArguments):
+    """UME-R1 cold-start SFT. Defaults follow the paper (lr 5e-5, cosine, warmup 3%, no weight
+    decay, grad-norm clip 1, loss weights 1, logit scale 50, vision tower frozen)."""
+
+    model_name_or_path: str | None = field(default=None, **_help(
+        "Checkpoint to start from: a UME-R1 checkpoint or a Qwen2-VL one already extended with "
+        "<gen_emb>/<disc_emb> (hub name or local folder)."))
+    train_files: list[str] = field(default_factory=list, **_help("Training record files (JSON or JSONL)."))
+    data_format: str = field(default="auto", **_help(f"Record format: one of {FORMATS}."))
+    media_root: str | None = field(default=None, **_help(
+        "Folder that relative media paths start from (default: each record file's folder)."))
+    max_bad_records: int = field(default=0, **_help(
+        "How many bad records may be skipped (each is logged with file and line); more is an error."))
+    query_reasoning_field: str = field(default="qry_reasoning", **_help(
+        "ume-r1 format: the field holding the query side's reasoning."))
+    target_reasoning_field: str = field(default="pos_reasoning", **_help(
+        "ume-r1 format: the field holding the target side's reasoning."))
+    max_length: int = field(default=4096, **_help("Longest prompt + answer in tokens; longer records are errors."))
+    min_pixels: int | None = field(default=None, **_help("Image processor min pixels (default: the checkpoint's)."))
+    max_pixels: int | None = field(default=None, **_help("Image processor max pixels (default: the checkpoint's)."))
+    num_video_frames: int = field(default=8, **_help("Frames sampled uniformly per video."))
+    pdf_dpi: int = field(default=144, **_help("Render resolution of PDF pages (then capped by max_pixels)."))
+    cache_tokenized: bool = field(default=False, **_help(
+        "Keep tokenised pairs in memory after first use (small datasets, many epochs)."))
+    gen_nce_weight: float = field(default=1.0, **_help("Weight of InfoNCE on gen vectors."))
+    disc_nce_weight: float = field(default=1.0, **_help("Weight of InfoNCE on disc vectors."))
+    query_ce_weight: float = field(default=1.0, **_help("Weight of the next-token loss on the query's answer."))
+    target_ce_weight: float = field(default=1.0, **_help("Weight of the next-token loss on the target's answer."))
+    logit_scale: float = field(default=50.0, **_help("Fixed InfoNCE logit scale (1 / temperature)."))
+    freeze_vision_tower: bool = field(default=True, **_help(
+        "Freeze the vision encoder (the paper's SFT); turn off when the backbone is random."))
+    train_merger: bool = field(default=True, **_help("Train the vision-language merger."))
+    use_lora: bool = field(default=False, **_help("Train LoRA adapters (peft) on the LLM instead of all of it."))
+    lora_r: int = field(default=16, **_help("LoRA rank."))
+    lora_alpha: int = field(default=32, **_help("LoRA alpha."))
+    lora_dropout: float = field(default=0.05, **_help("LoRA dropout."))
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        **_help("LLM modules that get LoRA adapters."))
+    model_dtype: str = field(default="auto", **_help(
+        "Weights dtype when loading: auto (bf16 if --bf16, else fp32), float32 or bfloat16."))
+    attn_implementation: str = field(default="sdpa", **_help("Attention kernel: sdpa, eager or flash_attention_2."))
+    eval_files: list[str] = field(default_factory=list, **_help(
+        "Held-out record files: retrieval Hit@1 (disc and gen, real generation) is logged every eval_steps."))
+    eval_max_new_tokens: int = field(default=128, **_help("Generation budget for gen vectors during evaluation."))
+
+    # Paper defaults that differ from TrainingArguments'.
+    learning_rate: float = field(default=5e-5, **_help("Peak learning rate (paper: 5e-5)."))
+    lr_scheduler_type: str = field(default="cosine", **_help("Learning-rate schedule (paper: cosine)."))
+    warmup_steps: float = field(default=0.03, **_help("Warmup: steps, or a fraction of training when < 1 (paper: 0.03)."))
+    weight_decay: float = field(default=0.0, **_help("Weight decay (paper: 0)."))
+    max_grad_norm: float = field(default=1.0, **_help("Gradient clipping norm (paper: 1)."))
+    logging_steps: float = field(default=10, **_help("Log every N steps (every loss term is logged)."))
+    remove_unused_columns: bool = field(default=False, **_help("Keep all batch fields (ours are nested)."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data_format not in FORMATS:
+            raise ValueError(f"data_format must be one of {FORMATS}, got {self.data_format!r}")
+        for name in ("gen_nce_weight", "disc_nce_weight", "query_ce_weight", "target_ce_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.max_bad_records < 0:
+            raise ValueError("max_bad_records must be >= 0")
+        if self.max_length < 16:
+            raise ValueError(f"max_length={self.max_length} cannot hold a UME-R1 prompt")
+        if self.model_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"model_dtype must be auto, float32 or bfloat16, got {self.model_dtype!r}")
+        if self.use_lora and self.lora_r <= 0:
+            raise ValueError("lora_r must be > 0")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must stay False: SFT batches are nested query/target dicts")

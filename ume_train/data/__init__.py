@@ -1,0 +1,1 @@
+"""Training data: record formats, tokenised pairs, synthetic data."""

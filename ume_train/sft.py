@@ -1,0 +1,188 @@
+"""``SFTTrainer``: the UME-R1 cold start (InfoNCE on gen and disc vectors + next-token loss on
+both sides' reasoning), on transformers' ``Trainer`` so that accelerate, torchrun, DeepSpeed,
+FSDP, gradient accumulation, schedules, checkpointing and resuming work as users know them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ume_retriever.model.encoder import UMEEncoder
+
+from .checkpoint import load_for_training, save_checkpoint
+from .config import SFTConfig
+from .data.pairs import PairCollator, PairDataset, SideTokenizer
+from .data.records import PairRecord, read_records
+from .evaluation import retrieval_hit_at_1
+from .modeling import LossWeights, UMETrainingModel
+
+logger = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"  # LoRA runs keep the adapter next to the merged weights, for resuming
+
+
+def _dtype(args: SFTConfig) -> torch.dtype:
+    if args.model_dtype == "bfloat16" or (args.model_dtype == "auto" and args.bf16):
+        return torch.bfloat16
+    return torch.float32
+
+
+def set_trainable(model: torch.nn.Module, args: SFTConfig) -> None:
+    """Vision tower frozen (default), merger and LLM trained; LoRA adapters when asked."""
+    visual = model.model.visual
+    for name, param in visual.named_parameters():
+        is_merger = name.startswith("merger")
+        param.requires_grad = (is_merger and args.train_merger) or (not is_merger and not args.freeze_vision_tower)
+
+
+def apply_lora(model: torch.nn.Module, args: SFTConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    # Only the LLM's projections get adapters (the vision blocks have other names: qkv, fc1...).
+    target = rf"^model\.language_model\..*\.({'|'.join(args.lora_target_modules)})$"
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=target)
+    trainable_visual = {n for n, p in model.model.visual.named_parameters() if p.requires_grad}
+    model = get_peft_model(model, config)
+    for name, param in model.get_base_model().model.visual.named_parameters():
+        param.requires_grad = name in trainable_visual  # keep the merger (and tower) choice
+    return model
+
+
+class SFTTrainer(Trainer):
+    """Train a UME-R1 model with the SFT loss.
+
+    ``model``: a model instance (then pass ``processor``) or a checkpoint name/path (default:
+    ``args.model_name_or_path``). ``train_dataset``: ``PairRecord``s, a ``PairDataset``, or
+    None to read ``args.train_files``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | str | None = None,
+        args: SFTConfig | None = None,
+        train_dataset: list[PairRecord] | PairDataset | None = None,
+        eval_records: list[PairRecord] | None = None,
+        processor: Any = None,
+        callbacks: list | None = None,
+    ):
+        if args is None:
+            raise ValueError("SFTTrainer needs args=SFTConfig(...)")
+        model = model if model is not None else args.model_name_or_path
+        if model is None:
+            raise ValueError("no model: pass model= or set model_name_or_path in the config")
+        if isinstance(model, (str, os.PathLike)):
+            model, processor = load_for_training(
+                str(model), dtype=_dtype(args), attn_implementation=args.attn_implementation,
+                min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+            )
+        elif processor is None:
+            raise ValueError("pass processor= together with a model instance")
+        set_trainable(model, args)
+        if args.use_lora:
+            model = apply_lora(model, args)
+        self.processor = processor
+        self.encoder = UMEEncoder(model, processor, num_video_frames=args.num_video_frames,
+                                  max_new_tokens=args.eval_max_new_tokens)
+        self.side_tokenizer = SideTokenizer(self.encoder.preparer, max_length=args.max_length, pdf_dpi=args.pdf_dpi)
+        if train_dataset is None:
+            train_dataset = self.read(args.train_files, args, require_reasoning=True)
+        if not isinstance(train_dataset, PairDataset):
+            train_dataset = PairDataset(list(train_dataset), self.side_tokenizer, cache=args.cache_tokenized)
+        if eval_records is None and args.eval_files:
+            eval_records = self.read(args.eval_files, args, require_reasoning=False)
+        self.eval_records = eval_records
+        weights = LossWeights(args.gen_nce_weight, args.disc_nce_weight, args.query_ce_weight, args.target_ce_weight)
+        wrapper = UMETrainingModel(model, weights, args.logit_scale)
+        super().__init__(model=wrapper, args=args, data_collator=PairCollator(self.encoder.token_ids.pad),
+                         train_dataset=train_dataset, callbacks=callbacks)
+        self.model_accepts_loss_kwargs = False  # our loss is complete; Trainer only divides by GA
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    @staticmethod
+    def read(files: list[str], args: SFTConfig, require_reasoning: bool) -> list[PairRecord]:
+        if not files:
+            raise ValueError("no training data: pass train_dataset= or set train_files in the config")
+        report = read_records(files, fmt=args.data_format, media_root=args.media_root,
+                              require_reasoning=require_reasoning, max_bad_records=args.max_bad_records,
+                              query_reasoning_field=args.query_reasoning_field,
+                              target_reasoning_field=args.target_reasoning_field)
+        logger.info("%s: %s", ", ".join(map(str, files)), report.summary())
+        return report.records
+
+    @property
+    def inner_model(self) -> torch.nn.Module:
+        return self.encoder.model
+
+    # -- loss and logging ---------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        for key in ("nce_gen", "nce_disc", "ce_query", "ce_target"):
+            self._metrics[key].append(float(out[key]))
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            names = sorted(self._metrics)
+            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names],
+                                 device=self.args.device)
+            means = self.accelerator.gather(local[None]).mean(0)  # average over processes
+            logs.update({n: round(float(v), 4) for n, v in zip(names, means)})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # -- evaluation: real retrieval, gen through real generation ------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        records = eval_dataset if eval_dataset is not None else self.eval_records
+        if not records:
+            return {}
+        model = self.inner_model
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = retrieval_hit_at_1(self.encoder, records, modes=("disc", "gen"))
+        finally:
+            model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        return metrics
+
+    # -- checkpoints in the encoder's layout --------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if state_dict is not None:  # consolidated by DeepSpeed/FSDP: keys of the wrapper
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+            if any(k.startswith("base_model.") for k in state_dict):
+                state_dict = None  # PEFT: merged from the live model instead
+        model = self.inner_model
+        save_checkpoint(model, self.processor, output_dir, state_dict)
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(Path(output_dir) / ADAPTER_DIR)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        inner = self.inner_model
+        if hasattr(inner, "peft_config"):
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            set_peft_model_state_dict(inner, load_peft_weights(str(Path(resume_from_checkpoint) / ADAPTER_DIR)))
+            return
+        state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
+        result = inner.load_state_dict(state, strict=False)
+        tied = set(getattr(inner, "_tied_weights_keys", None) or {})
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
+        logger.info("resumed weights from %s", resume_from_checkpoint)
