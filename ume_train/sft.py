@@ -87,7 +87,10 @@ class SFTTrainer(Trainer):
         if args.use_lora:
             model = apply_lora(model, args)
         self.processor = processor
-        self.encoder = UMEEncoder(model, processor, num_video_frames=args.num_video_frames,
+        self.trained_model = model  # what is saved (PEFT: adapters merged on save)
+        # The encoder runs the model as serving does; a PEFT model's base holds the live adapters.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.encoder = UMEEncoder(base, processor, num_video_frames=args.num_video_frames,
                                   max_new_tokens=args.eval_max_new_tokens)
         self.side_tokenizer = SideTokenizer(self.encoder.preparer, max_length=args.max_length, pdf_dpi=args.pdf_dpi)
         if train_dataset is None:
@@ -100,7 +103,7 @@ class SFTTrainer(Trainer):
         weights = LossWeights(args.gen_nce_weight, args.disc_nce_weight, args.query_ce_weight, args.target_ce_weight)
         wrapper = UMETrainingModel(model, weights, args.logit_scale)
         super().__init__(model=wrapper, args=args, data_collator=PairCollator(self.encoder.token_ids.pad),
-                         train_dataset=train_dataset, callbacks=callbacks)
+                         train_dataset=train_dataset, eval_dataset=eval_records, callbacks=callbacks)
         self.model_accepts_loss_kwargs = False  # our loss is complete; Trainer only divides by GA
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
@@ -117,7 +120,8 @@ class SFTTrainer(Trainer):
 
     @property
     def inner_model(self) -> torch.nn.Module:
-        return self.encoder.model
+        """The Qwen2-VL model being trained (a PEFT model with LoRA), without the loss wrapper."""
+        return self.trained_model
 
     # -- loss and logging ---------------------------------------------------------------------
 
@@ -169,8 +173,6 @@ class SFTTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from safetensors.torch import load_file
-
         inner = self.inner_model
         if hasattr(inner, "peft_config"):
             from peft import set_peft_model_state_dict
@@ -178,11 +180,8 @@ class SFTTrainer(Trainer):
 
             set_peft_model_state_dict(inner, load_peft_weights(str(Path(resume_from_checkpoint) / ADAPTER_DIR)))
             return
-        state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
-        result = inner.load_state_dict(state, strict=False)
-        tied = set(getattr(inner, "_tied_weights_keys", None) or {})
-        missing = [k for k in result.missing_keys if k not in tied]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {result.unexpected_keys[:5]}")
+        # Checkpoints hold the published key layout: load through from_pretrained, which maps
+        # it to this transformers version's module names, then copy into the live model.
+        saved = type(inner).from_pretrained(resume_from_checkpoint, dtype=next(inner.parameters()).dtype)
+        inner.load_state_dict(saved.state_dict(), strict=True)
         logger.info("resumed weights from %s", resume_from_checkpoint)

@@ -1,0 +1,260 @@
+"""ume_train SFT: the loss against independent computations, distributed equivalence, the
+checkpoint round trip, resume after kill -9, and the CLI's dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from ume_train.data.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("shapes"), train_per_scene=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    from ume_retriever.model.tiny import build_random_model
+
+    return build_random_model(seed=0)
+
+
+def _numpy_info_nce(q: np.ndarray, t: np.ndarray, scale: float) -> float:
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    logits = scale * q @ t.T
+
+    def ce(m):
+        m = m - m.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(m).sum(axis=1)) - np.diag(m)))
+
+    return (ce(logits) + ce(logits.T)) / 2
+
+
+def test_symmetric_info_nce_matches_numpy():
+    from ume_train.losses import symmetric_info_nce
+
+    rng = np.random.default_rng(0)
+    q, t = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    got = symmetric_info_nce(torch.tensor(q), torch.tensor(t))
+    assert float(got) == pytest.approx(_numpy_info_nce(q, t, 50.0), rel=1e-5)
+    # it normalises the rows itself: scaling a row changes nothing
+    scaled = symmetric_info_nce(torch.tensor(q * np.arange(1, 7)[:, None]), torch.tensor(t), scale=10.0)
+    assert float(scaled) == pytest.approx(_numpy_info_nce(q, t, 10.0), rel=1e-5)
+    # matching pairs give a lower loss than shuffled ones
+    assert float(symmetric_info_nce(torch.tensor(q), torch.tensor(q + 0.01 * t))) < float(got)
+    with pytest.raises(ValueError, match="two \\(N, d\\) tensors"):
+        symmetric_info_nce(torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+def test_training_forward_matches_plain_model(model_and_processor, shapes):
+    """disc/gen vectors and the answer CE equal what a plain full forward pass gives."""
+    from ume_retriever import UMEEncoder
+    from ume_train.data.pairs import PairCollator, PairDataset, SideTokenizer
+    from ume_train.data.records import read_records
+    from ume_train.modeling import side_forward
+
+    model, processor = model_and_processor
+    encoder = UMEEncoder(model, processor)
+    records = read_records(shapes.train).records[:3]
+    dataset = PairDataset(records, SideTokenizer(encoder.preparer, max_length=1024))
+    pairs = [dataset[i] for i in range(3)]
+    batch = PairCollator(encoder.token_ids.pad)(pairs)["target"]
+    with torch.no_grad():
+        out = side_forward(model, batch)
+        ce_sum = 0.0
+        tokens = 0
+        for row, pair in enumerate(pairs):  # one unpadded sequence at a time, HF's own forward
+            side = pair["target"]
+            p = side.prepared
+            inputs = {"input_ids": p.input_ids[None], "attention_mask": torch.ones_like(p.input_ids)[None],
+                      "mm_token_type_ids": p.mm_token_type_ids[None], **p.vision}
+            full = model(**inputs, output_hidden_states=True)
+            last = full.hidden_states[-1][0]
+            torch.testing.assert_close(out.disc[row], last[p.disc_position], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.gen[row], last[side.gen_index], atol=1e-5, rtol=1e-5)
+            # the answer's first <gen_emb>, not the one inside the generation prompt
+            assert p.input_ids[side.gen_index] == encoder.token_ids.gen and side.gen_index > side.answer_start
+            labels = side.labels()
+            n = int((labels[1:] != -100).sum())
+            hf = model(**inputs, labels=labels[None]).loss  # mean over answer tokens
+            ce_sum += float(hf) * n
+            tokens += n
+            # the prompt, including "<|im_start|>assistant\n", is masked; the answer ends with <|im_end|>
+            assert (labels[: side.answer_start] == -100).all()
+            assert processor.tokenizer.decode(labels[-1:]) == "<|im_end|>"
+    assert int(out.ce_tokens) == tokens
+    assert float(out.ce_sum) == pytest.approx(ce_sum, rel=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(shapes, tmp_path):
+    """gloo, CPU, torchrun: 4 + 4 pairs on two ranks == 8 pairs on one (loss and gradients, 1e-5)."""
+    sys.path.insert(0, str(WORKERS))
+    import sft_grads
+
+    sft_grads.main(str(shapes.train), str(tmp_path / "one.pt"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(_free_port()), str(WORKERS / "sft_grads.py"), str(shapes.train),
+                    str(tmp_path / "two.pt")], check=True, env=env, cwd=tmp_path, timeout=300)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    torch.testing.assert_close(two["logged"], one["logged"], atol=1e-5, rtol=1e-5)
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 10
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _config(tmp_path, ckpt, train_files, **kw):
+    from ume_train import SFTConfig
+
+    base = dict(output_dir=str(tmp_path / "out"), model_name_or_path=str(ckpt), train_files=[str(f) for f in train_files],
+                per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3, use_cpu=True, save_strategy="no",
+                logging_steps=1, report_to="none", freeze_vision_tower=False, disable_tqdm=True, seed=0)
+    return SFTConfig(**{**base, **kw})
+
+
+def test_train_three_steps_save_and_load_gives_the_same_vectors(tiny_ckpt, shapes, tmp_path):
+    from ume_retriever import UMEEncoder
+    from ume_train import SFTTrainer
+
+    trainer = SFTTrainer(args=_config(tmp_path, tiny_ckpt, [shapes.train]))
+    before = {n: p.detach().clone() for n, p in trainer.inner_model.named_parameters()}
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3
+    for key in ("nce_gen", "nce_disc", "ce_query", "ce_target"):
+        assert all(np.isfinite(h[key]) and h[key] > 0 for h in logged), key
+    changed = [n for n, p in trainer.inner_model.named_parameters() if not torch.equal(before[n], p)]
+    assert any("visual.blocks" in n for n in changed) and any("language_model" in n for n in changed)
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    loaded = UMEEncoder.from_pretrained(out, device="cpu", dtype=torch.float32, max_new_tokens=10)
+    trainer.inner_model.eval()
+    live = UMEEncoder(trainer.inner_model, trainer.processor, max_new_tokens=10)
+    items = [shapes_item for shapes_item in (r.target.to_item() for r in trainer.train_dataset.records[:2])]
+    items += ["a red circle in the top left"]
+    a, b = live.encode(items, mode="both"), loaded.encode(items, mode="both")
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.disc, y.disc, atol=1e-5)
+        np.testing.assert_allclose(x.gen, y.gen, atol=1e-5)
+        assert x.reasoning == y.reasoning
+
+
+def test_vision_tower_frozen_by_default(tiny_ckpt, shapes, tmp_path):
+    from ume_train import SFTTrainer
+
+    trainer = SFTTrainer(args=_config(tmp_path, tiny_ckpt, [shapes.train], freeze_vision_tower=True, max_steps=1))
+    trainable = {n for n, p in trainer.inner_model.named_parameters() if p.requires_grad}
+    assert not any("visual.blocks" in n or "patch_embed" in n for n in trainable)
+    assert any("visual.merger" in n for n in trainable) and any("language_model" in n for n in trainable)
+
+
+def test_lora_trains_adapters_and_saves_merged_weights(tiny_ckpt, shapes, tmp_path):
+    from ume_retriever import UMEEncoder
+    from ume_train import SFTTrainer
+
+    trainer = SFTTrainer(args=_config(tmp_path, tiny_ckpt, [shapes.train], use_lora=True, lora_r=4, max_steps=2,
+                                      freeze_vision_tower=True))
+    trainable = [n for n, p in trainer.inner_model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable)
+    assert not any("language_model" in n and "lora" not in n for n in trainable)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "lora"))
+    loaded = UMEEncoder.from_pretrained(tmp_path / "lora", device="cpu", dtype=torch.float32)
+    trainer.inner_model.eval()
+    live = trainer.encoder  # the live model with its adapters, as the trainer evaluates it
+    np.testing.assert_allclose(live.encode(["a blue square"], mode="disc")[0].disc,
+                               loaded.encode(["a blue square"], mode="disc")[0].disc, atol=1e-5)
+
+
+def test_resume_after_kill_continues_the_same_run(tiny_ckpt, shapes, tmp_path):
+    """A run killed (SIGKILL) right after its step-2 checkpoint, resumed, ends where an
+    uninterrupted run ends."""
+    config = tmp_path / "run.yaml"
+    config.write_text("\n".join([
+        f"model_name_or_path: {tiny_ckpt}", f"train_files: [{shapes.train}]", "per_device_train_batch_size: 4",
+        "max_steps: 4", "save_steps: 2", "learning_rate: 0.001", "use_cpu: true", "logging_steps: 1",
+        "freeze_vision_tower: false", "seed: 0", "disable_tqdm: true", "report_to: none",
+    ]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(WORKERS / "sft_kill.py"), str(config), "--output_dir",
+                               str(tmp_path / out), *extra], env=env, capture_output=True, text=True, timeout=300)
+
+    whole = run("whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run("killed", "--kill_at_step", "2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "checkpoint-4").exists()
+    resumed = run("killed", "--resume_from_checkpoint", "true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6, msg=name)
+    state = json.loads((tmp_path / "killed" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_config_validation():
+    from ume_train import SFTConfig
+
+    with pytest.raises(ValueError, match="data_format"):
+        SFTConfig(output_dir="x", data_format="csv", use_cpu=True)
+    with pytest.raises(ValueError, match="gen_nce_weight"):
+        SFTConfig(output_dir="x", gen_nce_weight=-1, use_cpu=True)
+    with pytest.raises(ValueError, match="remove_unused_columns"):
+        SFTConfig(output_dir="x", remove_unused_columns=True, use_cpu=True)
+    c = SFTConfig(output_dir="x", use_cpu=True)
+    assert (c.learning_rate, c.lr_scheduler_type, c.logit_scale, c.freeze_vision_tower) == (5e-5, "cosine", 50.0, True)
+
+
+@pytest.mark.parametrize("name", ["sft_2b_zero3.yaml", "sft_7b_zero3.yaml", "sft_2b_fsdp.yaml", "sft_tiny_cpu.yaml"])
+def test_shipped_configs_dry_run(name, tiny_ckpt, shapes, monkeypatch, capsys):
+    """The example recipes parse, validate, and pass the dry run (data and launcher files read)."""
+    from ume_train.cli import main
+
+    monkeypatch.chdir(ROOT)
+    code = main(["sft", "--config", f"examples/train/{name}", "--dry-run", "--model_name_or_path", str(tiny_ckpt),
+                 "--train_files", str(shapes.train), "--media_root", str(shapes.root), "--use_cpu", "true",
+                 "--bf16", "false"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    plan = dict(line.split(None, 1) for line in out.out.strip().splitlines())
+    assert plan["records"] == "96" and plan["bad_records_skipped"] == "0"
+
+
+def test_cli_reports_bad_records_in_one_line(tmp_path, capsys):
+    from ume_train.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"query": {"text": "q", "reasoning": "<think>x</think><answer> x"}, '
+                    '"target": {"image": "missing.png", "reasoning": "<think>y</think><answer> y"}}\n')
+    code = main(["sft", "--dry-run", "--output_dir", str(tmp_path / "o"), "--train_files", str(data), "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") <= 3
+    assert f"{data}:1" in err and "media file not found" in err

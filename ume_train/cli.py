@@ -1,0 +1,165 @@
+"""``ume-train``: SFT from a YAML config, plus the synthetic data generator.
+
+    ume-train sft --config examples/train/sft_tiny_cpu.yaml [--learning_rate 1e-4 ...] [--dry-run]
+    torchrun --nproc_per_node 8 -m ume_train.cli sft --config examples/train/sft_2b_zero3.yaml
+    ume-train synthetic ./shapes --modalities image,video,pdf
+
+Keys on the command line override the file's. ``--dry-run`` parses and validates the config,
+reads and checks every record (media present, reasoning present) and the DeepSpeed/FSDP files,
+prints the plan, and loads no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("ume_train")
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of SFTConfig fields")
+    import dataclasses
+
+    from .config import SFTConfig
+
+    # Fields such as ``fsdp`` take ``--fsdp`` alone to mean True.
+    flag_only = {f.name for f in dataclasses.fields(SFTConfig) if f.metadata.get("const") is True}
+    argv: list[str] = []
+    for key, value in data.items():
+        if value is True and key in flag_only:
+            argv.append(f"--{key}")
+        elif isinstance(value, dict):  # e.g. fsdp_config given inline
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_sft_config(config: str | None, overrides: list[str], *, without_deepspeed: bool = False) -> Any:
+    """An ``SFTConfig`` from a YAML file and ``--key value`` overrides (the later wins).
+
+    ``without_deepspeed`` drops the ``deepspeed`` field (its validation needs the package):
+    the dry run checks that file itself on machines without DeepSpeed.
+    """
+    from transformers import HfArgumentParser
+
+    from .config import SFTConfig
+
+    argv = (_yaml_to_argv(config) if config else []) + overrides
+    deepspeed = None
+    if without_deepspeed:
+        while "--deepspeed" in argv:
+            i = argv.index("--deepspeed")
+            deepspeed = argv[i + 1]
+            del argv[i:i + 2]
+    (args,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=argv)
+    if deepspeed is not None:
+        args.deepspeed_file_unvalidated = deepspeed
+    return args
+
+
+def dry_run(args: Any) -> dict[str, Any]:
+    """Validate everything that can be checked without loading the model; returns the plan."""
+    from .data.records import read_records
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    report = read_records(args.train_files, fmt=args.data_format, media_root=args.media_root,
+                          max_bad_records=args.max_bad_records, query_reasoning_field=args.query_reasoning_field,
+                          target_reasoning_field=args.target_reasoning_field)
+    deepspeed = args.deepspeed or getattr(args, "deepspeed_file_unvalidated", None)
+    if isinstance(deepspeed, str):
+        json.loads(Path(deepspeed).read_text())  # a broken file fails here, not on 64 GPUs
+    if isinstance(args.fsdp_config, str):
+        json.loads(Path(args.fsdp_config).read_text())
+    model = args.model_name_or_path
+    local = model is not None and Path(model).exists()
+    if local and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"{model} has no config.json: not a checkpoint folder")
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    return {
+        "model": model, "model_source": "local folder" if local else "hub name (downloaded at start)",
+        "records": len(report.records), "bad_records_skipped": len(report.bad),
+        "world_size": world, "pairs_per_forward": args.per_device_train_batch_size * world,
+        "pairs_per_optimizer_step": per_step,
+        "steps": args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * len(report.records) // per_step),
+        "deepspeed": deepspeed, "fsdp": args.fsdp or None, "bf16": args.bf16, "lora": args.use_lora,
+        "output_dir": args.output_dir,
+    }
+
+
+def run_sft(args: Any) -> dict[str, Any]:
+    from .sft import SFTTrainer
+
+    t0 = time.perf_counter()
+    trainer = SFTTrainer(args=args)
+    resume = args.resume_from_checkpoint
+    if resume in ("true", "True", "auto"):
+        resume = True
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 4),
+               "minutes": round((time.perf_counter() - t0) / 60, 2), "checkpoint": args.output_dir}
+    last = [h for h in trainer.state.log_history if "nce_gen" in h]
+    if last:
+        summary.update({k: last[-1][k] for k in ("nce_gen", "nce_disc", "ce_query", "ce_target")})
+    if trainer.eval_records:
+        summary.update(trainer.evaluate())
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ume-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sft = sub.add_parser("sft", help="supervised fine-tuning (cold start)")
+    sft.add_argument("--config", help="YAML file of SFTConfig fields")
+    sft.add_argument("--dry-run", action="store_true", help="validate config and data, load no model")
+    syn = sub.add_parser("synthetic", help="write the synthetic shape-scene dataset")
+    syn.add_argument("root")
+    syn.add_argument("--modalities", default="image")
+    syn.add_argument("--image-size", type=int, default=56)
+    syn.add_argument("--train-per-scene", type=int, default=8)
+    syn.add_argument("--seed", type=int, default=0)
+    ns, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if ns.command == "synthetic":
+            from .data.synthetic import make_dataset
+
+            if rest:
+                parser.error(f"unknown arguments: {' '.join(rest)}")
+            data = make_dataset(ns.root, modalities=tuple(ns.modalities.split(",")), image_size=ns.image_size,
+                                train_per_scene=ns.train_per_scene, seed=ns.seed)
+            print(f"train: {data.train}\neval:  {data.eval}")
+            return 0
+        import importlib.util
+
+        no_deepspeed = ns.dry_run and importlib.util.find_spec("deepspeed") is None
+        args = parse_sft_config(ns.config, rest, without_deepspeed=no_deepspeed)
+        result = dry_run(args) if ns.dry_run else run_sft(args)
+        width = max(map(len, result))
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
+        return 0
+    except Exception as exc:  # noqa: BLE001 - one clear line unless --verbose
+        if ns.verbose:
+            raise
+        print(f"ume-train: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
