@@ -1,6 +1,7 @@
 """``ume-train``: SFT from a YAML config, plus the synthetic data generator.
 
     ume-train sft --config examples/train/sft_tiny_cpu.yaml [--learning_rate 1e-4 ...] [--dry-run]
+    ume-train grpo --config examples/train/grpo_tiny_cpu.yaml [--dry-run]
     torchrun --nproc_per_node 8 -m ume_train.cli sft --config examples/train/sft_2b_zero3.yaml
     ume-train synthetic ./shapes --modalities image,video,pdf
 
@@ -23,7 +24,7 @@ from typing import Any
 logger = logging.getLogger("ume_train")
 
 
-def _yaml_to_argv(path: str) -> list[str]:
+def _yaml_to_argv(path: str, cls: type) -> list[str]:
     import yaml
 
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -31,10 +32,8 @@ def _yaml_to_argv(path: str) -> list[str]:
         raise ValueError(f"{path}: a config file holds a mapping of SFTConfig fields")
     import dataclasses
 
-    from .config import SFTConfig
-
     # Fields such as ``fsdp`` take ``--fsdp`` alone to mean True.
-    flag_only = {f.name for f in dataclasses.fields(SFTConfig) if f.metadata.get("const") is True}
+    flag_only = {f.name for f in dataclasses.fields(cls) if f.metadata.get("const") is True}
     argv: list[str] = []
     for key, value in data.items():
         if value is True and key in flag_only:
@@ -49,23 +48,27 @@ def _yaml_to_argv(path: str) -> list[str]:
 
 
 def parse_sft_config(config: str | None, overrides: list[str], *, without_deepspeed: bool = False) -> Any:
-    """An ``SFTConfig`` from a YAML file and ``--key value`` overrides (the later wins).
+    from .config import SFTConfig
+
+    return parse_config(SFTConfig, config, overrides, without_deepspeed=without_deepspeed)
+
+
+def parse_config(cls: type, config: str | None, overrides: list[str], *, without_deepspeed: bool = False) -> Any:
+    """A config dataclass from a YAML file and ``--key value`` overrides (the later wins).
 
     ``without_deepspeed`` drops the ``deepspeed`` field (its validation needs the package):
     the dry run checks that file itself on machines without DeepSpeed.
     """
     from transformers import HfArgumentParser
 
-    from .config import SFTConfig
-
-    argv = (_yaml_to_argv(config) if config else []) + overrides
+    argv = (_yaml_to_argv(config, cls) if config else []) + overrides
     deepspeed = None
     if without_deepspeed:
         while "--deepspeed" in argv:
             i = argv.index("--deepspeed")
             deepspeed = argv[i + 1]
             del argv[i:i + 2]
-    (args,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)
     if deepspeed is not None:
         args.deepspeed_file_unvalidated = deepspeed
     return args
@@ -76,9 +79,11 @@ def dry_run(args: Any) -> dict[str, Any]:
     from .data.records import read_records
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    sft = hasattr(args, "query_reasoning_field")
+    fields = dict(query_reasoning_field=args.query_reasoning_field,
+                  target_reasoning_field=args.target_reasoning_field) if sft else {}
     report = read_records(args.train_files, fmt=args.data_format, media_root=args.media_root,
-                          max_bad_records=args.max_bad_records, query_reasoning_field=args.query_reasoning_field,
-                          target_reasoning_field=args.target_reasoning_field)
+                          max_bad_records=args.max_bad_records, require_reasoning=sft, **fields)
     deepspeed = args.deepspeed or getattr(args, "deepspeed_file_unvalidated", None)
     if isinstance(deepspeed, str):
         json.loads(Path(deepspeed).read_text())  # a broken file fails here, not on 64 GPUs
@@ -95,16 +100,21 @@ def dry_run(args: Any) -> dict[str, Any]:
         "world_size": world, "pairs_per_forward": args.per_device_train_batch_size * world,
         "pairs_per_optimizer_step": per_step,
         "steps": args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * len(report.records) // per_step),
-        "deepspeed": deepspeed, "fsdp": args.fsdp or None, "bf16": args.bf16, "lora": args.use_lora,
+        "deepspeed": deepspeed, "fsdp": args.fsdp or None, "bf16": args.bf16, "lora": getattr(args, "use_lora", False),
         "output_dir": args.output_dir,
     }
 
 
-def run_sft(args: Any) -> dict[str, Any]:
-    from .sft import SFTTrainer
-
+def run_training(kind: str, args: Any) -> dict[str, Any]:
+    if kind == "sft":
+        from .sft import SFTTrainer as trainer_cls
+        terms = ("nce_gen", "nce_disc", "ce_query", "ce_target")
+    else:
+        from .grpo import GRPOTrainer as trainer_cls
+        terms = ("query_reward", "target_reward", "query_reward_embedding", "target_reward_embedding",
+                 "format_rate", "query_kl", "target_kl")
     t0 = time.perf_counter()
-    trainer = SFTTrainer(args=args)
+    trainer = trainer_cls(args=args)
     resume = args.resume_from_checkpoint
     if resume in ("true", "True", "auto"):
         resume = True
@@ -112,9 +122,9 @@ def run_sft(args: Any) -> dict[str, Any]:
     trainer.save_model(args.output_dir)
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 4),
                "minutes": round((time.perf_counter() - t0) / 60, 2), "checkpoint": args.output_dir}
-    last = [h for h in trainer.state.log_history if "nce_gen" in h]
+    last = [h for h in trainer.state.log_history if terms[0] in h]
     if last:
-        summary.update({k: last[-1][k] for k in ("nce_gen", "nce_disc", "ce_query", "ce_target")})
+        summary.update({k: last[-1][k] for k in terms if k in last[-1]})
     if trainer.eval_records:
         summary.update(trainer.evaluate())
     return summary
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     sft = sub.add_parser("sft", help="supervised fine-tuning (cold start)")
     sft.add_argument("--config", help="YAML file of SFTConfig fields")
     sft.add_argument("--dry-run", action="store_true", help="validate config and data, load no model")
+    grpo = sub.add_parser("grpo", help="reinforcement learning with the embedding reward (from an SFT checkpoint)")
+    grpo.add_argument("--config", help="YAML file of GRPOConfig fields")
+    grpo.add_argument("--dry-run", action="store_true", help="validate config and data, load no model")
     syn = sub.add_parser("synthetic", help="write the synthetic shape-scene dataset")
     syn.add_argument("root")
     syn.add_argument("--modalities", default="image")
@@ -149,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         import importlib.util
 
         no_deepspeed = ns.dry_run and importlib.util.find_spec("deepspeed") is None
-        args = parse_sft_config(ns.config, rest, without_deepspeed=no_deepspeed)
-        result = dry_run(args) if ns.dry_run else run_sft(args)
+        from .config import GRPOConfig, SFTConfig
+
+        cls = SFTConfig if ns.command == "sft" else GRPOConfig
+        args = parse_config(cls, ns.config, rest, without_deepspeed=no_deepspeed)
+        result = dry_run(args) if ns.dry_run else run_training(ns.command, args)
         width = max(map(len, result))
         print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()))
         return 0

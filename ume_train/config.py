@@ -94,3 +94,64 @@ class SFTConfig(TrainingArguments):
             raise ValueError("lora_r must be > 0")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: SFT batches are nested query/target dicts")
+
+
+@dataclass
+class GRPOConfig(TrainingArguments):
+    """UME-R1 reinforcement learning (GRPO with the embedding reward). Defaults follow the paper:
+    G=8 rollouts per prompt for queries and targets, temperature 1, clip 0.2/0.28, KL 0.04
+    (k3) to a frozen copy of the starting model, lr 1e-6, vision tower trainable."""
+
+    model_name_or_path: str | None = field(default=None, **_help("The SFT checkpoint to start from."))
+    train_files: list[str] = field(default_factory=list, **_help("RL record files (JSON/JSONL; reasoning not needed)."))
+    data_format: str = field(default="auto", **_help(f"Record format: one of {FORMATS}."))
+    media_root: str | None = field(default=None, **_help("Folder that relative media paths start from."))
+    max_bad_records: int = field(default=0, **_help("How many bad records may be skipped (each logged)."))
+    eval_files: list[str] = field(default_factory=list, **_help(
+        "Held-out records: gen Hit@1 (real greedy generation) is logged every eval_steps."))
+    eval_max_new_tokens: int = field(default=128, **_help("Generation budget for held-out gen vectors."))
+    num_generations: int = field(default=8, **_help("Rollouts G per prompt (for queries and for targets)."))
+    max_completion_length: int = field(default=2048, **_help("Most tokens per rollout; also the loss normaliser."))
+    max_length: int = field(default=4096, **_help("Longest prompt in tokens."))
+    temperature: float = field(default=1.0, **_help("Rollout sampling temperature."))
+    top_p: float = field(default=1.0, **_help("Rollout nucleus sampling."))
+    beta: float = field(default=0.04, **_help("KL weight (k3 estimator) to the frozen reference; 0 loads no reference."))
+    epsilon_low: float = field(default=0.2, **_help("Lower clip range of the ratio."))
+    epsilon_high: float = field(default=0.28, **_help("Upper clip range of the ratio."))
+    format_reward_weight: float = field(default=1.0, **_help("Weight of the format reward."))
+    embedding_reward_weight: float = field(default=1.0, **_help("Weight of the embedding reward."))
+    extra_reward_funcs: list[str] = field(default_factory=list, **_help(
+        "More rewards as 'module:function' with the signature fn(prompts, completions, **columns) -> "
+        "list[float | None]; None means no reward (counts 0)."))
+    extra_reward_weights: list[float] = field(default_factory=list, **_help("One weight per extra reward (default 1)."))
+    freeze_vision_tower: bool = field(default=False, **_help("Freeze the vision encoder (the paper trains it in RL)."))
+    min_pixels: int | None = field(default=None, **_help("Image processor min pixels (default: the checkpoint's)."))
+    max_pixels: int | None = field(default=None, **_help("Image processor max pixels (default: the checkpoint's)."))
+    num_video_frames: int = field(default=8, **_help("Frames sampled uniformly per video."))
+    pdf_dpi: int = field(default=144, **_help("Render resolution of PDF pages."))
+    model_dtype: str = field(default="auto", **_help("auto (bf16 if --bf16, else fp32), float32 or bfloat16."))
+    attn_implementation: str = field(default="sdpa", **_help("Attention kernel: sdpa, eager or flash_attention_2."))
+
+    learning_rate: float = field(default=1e-6, **_help("Learning rate (paper: 1e-6)."))
+    num_train_epochs: float = field(default=1.0, **_help("Epochs (paper: 1)."))
+    logging_steps: float = field(default=1, **_help("Log every N steps."))
+    remove_unused_columns: bool = field(default=False, **_help("Batches are lists of records."))
+    dataloader_drop_last: bool = field(default=True, **_help(
+        "Equal batches on every process (the embedding reward gathers them)."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data_format not in FORMATS:
+            raise ValueError(f"data_format must be one of {FORMATS}, got {self.data_format!r}")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: advantages are normalised within each prompt's group")
+        if self.beta < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
+            raise ValueError("beta, epsilon_low and epsilon_high must be >= 0")
+        if self.max_completion_length < 1:
+            raise ValueError("max_completion_length must be >= 1")
+        if self.extra_reward_weights and len(self.extra_reward_weights) != len(self.extra_reward_funcs):
+            raise ValueError("give one extra_reward_weights entry per extra_reward_funcs entry")
+        if self.model_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"model_dtype must be auto, float32 or bfloat16, got {self.model_dtype!r}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must stay False: GRPO batches are lists of records")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,21 +15,15 @@ from transformers import Trainer
 
 from ume_retriever.model.encoder import UMEEncoder
 
-from .checkpoint import load_for_training, save_checkpoint
+from .checkpoint import load_for_training
 from .config import SFTConfig
 from .data.pairs import PairCollator, PairDataset, SideTokenizer
 from .data.records import PairRecord, read_records
 from .evaluation import retrieval_hit_at_1
 from .modeling import LossWeights, UMETrainingModel
+from .trainer_common import EncoderLayoutCheckpoints, model_dtype
 
 logger = logging.getLogger(__name__)
-ADAPTER_DIR = "adapter"  # LoRA runs keep the adapter next to the merged weights, for resuming
-
-
-def _dtype(args: SFTConfig) -> torch.dtype:
-    if args.model_dtype == "bfloat16" or (args.model_dtype == "auto" and args.bf16):
-        return torch.bfloat16
-    return torch.float32
 
 
 def set_trainable(model: torch.nn.Module, args: SFTConfig) -> None:
@@ -54,7 +47,7 @@ def apply_lora(model: torch.nn.Module, args: SFTConfig) -> torch.nn.Module:
     return model
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(EncoderLayoutCheckpoints, Trainer):
     """Train a UME-R1 model with the SFT loss.
 
     ``model``: a model instance (then pass ``processor``) or a checkpoint name/path (default:
@@ -78,7 +71,7 @@ class SFTTrainer(Trainer):
             raise ValueError("no model: pass model= or set model_name_or_path in the config")
         if isinstance(model, (str, os.PathLike)):
             model, processor = load_for_training(
-                str(model), dtype=_dtype(args), attn_implementation=args.attn_implementation,
+                str(model), dtype=model_dtype(args), attn_implementation=args.attn_implementation,
                 min_pixels=args.min_pixels, max_pixels=args.max_pixels,
             )
         elif processor is None:
@@ -118,11 +111,6 @@ class SFTTrainer(Trainer):
         logger.info("%s: %s", ", ".join(map(str, files)), report.summary())
         return report.records
 
-    @property
-    def inner_model(self) -> torch.nn.Module:
-        """The Qwen2-VL model being trained (a PEFT model with LoRA), without the loss wrapper."""
-        return self.trained_model
-
     # -- loss and logging ---------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -157,31 +145,3 @@ class SFTTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         return metrics
-
-    # -- checkpoints in the encoder's layout --------------------------------------------------
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if state_dict is not None:  # consolidated by DeepSpeed/FSDP: keys of the wrapper
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
-            if any(k.startswith("base_model.") for k in state_dict):
-                state_dict = None  # PEFT: merged from the live model instead
-        model = self.inner_model
-        save_checkpoint(model, self.processor, output_dir, state_dict)
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(Path(output_dir) / ADAPTER_DIR)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        inner = self.inner_model
-        if hasattr(inner, "peft_config"):
-            from peft import set_peft_model_state_dict
-            from peft.utils import load_peft_weights
-
-            set_peft_model_state_dict(inner, load_peft_weights(str(Path(resume_from_checkpoint) / ADAPTER_DIR)))
-            return
-        # Checkpoints hold the published key layout: load through from_pretrained, which maps
-        # it to this transformers version's module names, then copy into the live model.
-        saved = type(inner).from_pretrained(resume_from_checkpoint, dtype=next(inner.parameters()).dtype)
-        inner.load_state_dict(saved.state_dict(), strict=True)
-        logger.info("resumed weights from %s", resume_from_checkpoint)

@@ -41,6 +41,7 @@ class RawGenSample:
     token_ids: list[int]  # generated ids up to the end-of-turn token (excluded)
     found_gen_emb: bool
     num_tokens: int  # generated tokens, end-of-turn included
+    end_id: int | None = None  # the end-of-turn token that ended it (None: cut at max_new_tokens)
 
 
 @dataclass
@@ -201,7 +202,8 @@ class TransformersBackend:
             else:
                 state = torch.empty(0)
                 needs_forward.append(row)
-            samples.append(RawGenSample(state=state, token_ids=body, found_gen_emb=found, num_tokens=end))
+            end_id = ids[end - 1] if end and ids[end - 1] in self.token_ids.eos else None
+            samples.append(RawGenSample(state=state, token_ids=body, found_gen_emb=found, num_tokens=end, end_id=end_id))
         if needs_forward:
             self._teacher_forced_states(batch, k, generated, samples, needs_forward)
         disc = rec.gathered[::k].cpu() if want_disc and rec.gathered is not None else None

@@ -40,7 +40,12 @@ _CORPUS = [
     GENERATION_PROMPT,
     "<think> The input shows a red circle in the top left. </think><answer> red circle </answer>",
     "Find a document image that matches the given query: Represent the given image.",
-    "red green blue yellow purple orange black white gray circle square triangle star",
+    "red green blue yellow purple orange black white gray circle square triangle star diamond cross",
+    "<|im_start|>system\n <|im_start|>user\n <|im_start|>assistant\n",
+    "<think>The query asks for an image of a</think><answer> <think>The image shows a</think><answer>",
+    "<think>The query asks for a video of a <think>The video shows a <think>The page shows a",
+    "Find the matching image: Find the matching video: Find the matching page: the top left has a",
+    "find a video of going moving from left to right right to left top to bottom bottom to top",
     "small large big tiny left right top bottom center middle above below next to moving",
     "a photo of one two three four five six seven eight nine ten shapes scene page video",
     "0123456789 .,;:!?'\"()[]{}<>-_/\\|@#$%^&*+=~` \n\t",
@@ -65,6 +70,10 @@ class TinyModelSpec:
     vocab_size: int | None = None  # embedding rows; None: the tokenizer's size rounded up to 64
     tie_word_embeddings: bool = True  # as Qwen2-VL-2B
     max_position_embeddings: int = 32768
+    # Qwen2-VL's 1e6. With tiny heads, M-RoPE's height/width sections get only the lowest
+    # frequencies (~1e-5 rad per position at head_dim 16): such a model cannot tell image
+    # tokens apart by position unless the base is much smaller (see benchmarks/sft_learning.py).
+    rope_theta: float = 1000000.0
     # Processor pixel caps: tiny images keep test sequences short (4..16 visual tokens).
     min_pixels: int = 56 * 56
     max_pixels: int = 112 * 112
@@ -135,7 +144,7 @@ def make_config(spec: TinyModelSpec, tokenizer: Any) -> Any:
             max_position_embeddings=spec.max_position_embeddings,
             rope_parameters={
                 "rope_type": "default",
-                "rope_theta": 1000000.0,
+                "rope_theta": spec.rope_theta,
                 "mrope_section": _mrope_section(spec.hidden_size // spec.num_attention_heads),
             },
             bos_token_id=ids["<|endoftext|>"],

@@ -1,0 +1,322 @@
+"""``GRPOTrainer``: UME-R1 reinforcement learning of generative embeddings.
+
+Each step, for the queries and for the targets of a batch of pairs: G rollouts per prompt;
+one policy forward over prompt + completion gives the token log-probabilities and the gen
+vector (teacher-forced at the first generated ``<gen_emb>``); rewards = format + embedding
+reward (over the global batch, gathered across processes) + any extra reward functions;
+group-normalised advantages; the clipped objective with separate low/high clips and a k3 KL
+to a frozen reference; token losses summed and divided by max_completion_length; total =
+(query loss + target loss) / 2. One optimisation pass per batch (on-policy), as the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from ume_retriever.model.encoder import UMEEncoder
+from ume_retriever.model.preprocess import PreparedInput, collate
+
+from .checkpoint import load_for_training
+from .config import GRPOConfig
+from .data.records import PairRecord, RecordError, read_records
+from .evaluation import retrieval_hit_at_1
+from .losses import world_size
+from .modeling import MODEL_INPUT_KEYS, language_model_parts
+from .rewards import embedding_reward, format_reward, group_advantages
+from .rollouts import RolloutGenerator, TransformersRollouts, rollout_seed
+from .trainer_common import EncoderLayoutCheckpoints, model_dtype
+
+logger = logging.getLogger(__name__)
+RewardFn = Callable[..., list]
+SIDES = ("query", "target")
+
+
+@dataclass
+class RolloutBatch:
+    """One side's rollouts, tokenised: left-padded prompt + completion."""
+
+    inputs: dict[str, torch.Tensor]  # model inputs (B = prompts * G rows)
+    completion_mask: torch.Tensor  # (B, L-1): True where the NEXT token is a completion token
+    gen_index: torch.Tensor  # (B,) position of the first generated <gen_emb> (or the last token)
+    has_gen: torch.Tensor  # (B,) bool
+    texts: list[str]
+    prompts: list[str]
+    lengths: torch.Tensor  # (B,) completion tokens
+
+
+def token_logps_and_states(model: nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the completion tokens (B, L-1; 0 elsewhere) and the states at gen_index (B, H)."""
+    base, lm_head = language_model_parts(model)
+    inputs = {k: batch.inputs[k] for k in MODEL_INPUT_KEYS if k in batch.inputs}
+    hidden = base(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    states = hidden[rows, batch.gen_index]
+    targets = batch.inputs["input_ids"][:, 1:]
+    mask = batch.completion_mask
+    logits = lm_head(hidden[:, :-1][mask]).float()  # (n, vocab): completion positions only
+    picked = logits.gather(1, targets[mask][:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+    logps = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
+    return logps.masked_scatter(mask, picked), states
+
+
+class GRPOPolicy(nn.Module):
+    """One forward for both sides (DDP/DeepSpeed/FSDP hook this wrapper's forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
+    def forward(self, query: RolloutBatch, target: RolloutBatch) -> dict[str, torch.Tensor]:
+        q_logps, q_states = token_logps_and_states(self.model, query)
+        t_logps, t_states = token_logps_and_states(self.model, target)
+        return {"query_logps": q_logps, "query_states": q_states, "target_logps": t_logps, "target_states": t_states}
+
+
+def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """'package.module:function' -> the function."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"extra reward {spec!r}: write it as 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
+    """Train a UME-R1 model with GRPO. ``model``: instance (+ ``processor``) or checkpoint path;
+    ``train_dataset``: ``PairRecord``s or None to read ``args.train_files``; ``reward_funcs``:
+    extra rewards ``fn(prompts, completions, **columns) -> list[float | None]`` (with
+    ``args.extra_reward_weights``, default 1 each)."""
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        args: GRPOConfig | None = None,
+        train_dataset: list[PairRecord] | None = None,
+        eval_records: list[PairRecord] | None = None,
+        processor: Any = None,
+        reward_funcs: list[RewardFn] | None = None,
+        rollouts: RolloutGenerator | None = None,
+        callbacks: list | None = None,
+    ):
+        if args is None:
+            raise ValueError("GRPOTrainer needs args=GRPOConfig(...)")
+        model = model if model is not None else args.model_name_or_path
+        if model is None:
+            raise ValueError("no model: pass model= or set model_name_or_path in the config")
+        if isinstance(model, (str, os.PathLike)):
+            model, processor = load_for_training(str(model), dtype=model_dtype(args),
+                                                 attn_implementation=args.attn_implementation,
+                                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        elif processor is None:
+            raise ValueError("pass processor= together with a model instance")
+        for name, param in model.model.visual.named_parameters():
+            param.requires_grad = not args.freeze_vision_tower or name.startswith("merger")
+        self.trained_model = model
+        self.processor = processor
+        self.reference = None
+        if args.beta > 0:  # a frozen copy of the starting policy
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.encoder = UMEEncoder(model, processor, num_video_frames=args.num_video_frames,
+                                  max_new_tokens=args.eval_max_new_tokens)
+        self.rollouts = rollouts or self._default_rollouts(model, processor, args)
+        funcs = list(reward_funcs or []) + [load_reward_fn(s) for s in args.extra_reward_funcs]
+        weights = list(args.extra_reward_weights) or [1.0] * len(funcs)
+        if len(weights) != len(funcs):
+            raise ValueError(f"{len(funcs)} extra reward functions but {len(weights)} weights")
+        self.extra_rewards = list(zip(funcs, weights))
+        if train_dataset is None:
+            train_dataset = self._read(args.train_files, args)
+        if eval_records is None and args.eval_files:
+            eval_records = self._read(args.eval_files, args)
+        self.eval_records = eval_records
+        super().__init__(model=GRPOPolicy(model), args=args, data_collator=lambda records: {"records": records},
+                         train_dataset=list(train_dataset), eval_dataset=eval_records, callbacks=callbacks)
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    @staticmethod
+    def _default_rollouts(model: nn.Module, processor: Any, args: GRPOConfig) -> RolloutGenerator:
+        token_ids = UMEEncoder(model, processor).token_ids
+        return TransformersRollouts(model, processor, token_ids, max_new_tokens=args.max_completion_length,
+                                    temperature=args.temperature, top_p=args.top_p)
+
+    @staticmethod
+    def _read(files: list[str], args: GRPOConfig) -> list[PairRecord]:
+        if not files:
+            raise ValueError("no training data: pass train_dataset= or set train_files in the config")
+        report = read_records(files, fmt=args.data_format, media_root=args.media_root, require_reasoning=False,
+                              max_bad_records=args.max_bad_records)
+        logger.info("%s: %s", ", ".join(map(str, files)), report.summary())
+        return report.records
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _rollout_side(self, records: list[PairRecord], side: str) -> RolloutBatch:
+        args = self.args
+        G = args.num_generations
+        preparer = self.encoder.preparer
+        prompts: list[PreparedInput] = []
+        for record in records:
+            try:
+                item = getattr(record, side).to_item(args.pdf_dpi)
+                prompts.append(preparer.prepare(item))
+            except Exception as exc:  # noqa: BLE001 - name the record, whatever failed
+                raise RecordError(record.where, f"{side}: {exc}") from None
+        first = self.process_index * len(records)  # global index of this process's first prompt
+        seeds = [rollout_seed(args.seed, self.state.global_step, side, first + i) for i in range(len(records))]
+        rollouts = self.rollouts.generate(prompts, G, seeds)
+        gen_id = self.encoder.token_ids.gen
+        seqs, starts, gen_pos, has_gen, texts, prompt_texts, lengths = [], [], [], [], [], [], []
+        for prompt, group in zip(prompts, rollouts):
+            for r in group:
+                ids = torch.tensor(r.completion_ids or [self.encoder.token_ids.eos[0]], dtype=torch.long)
+                seqs.append(prompt.extended(ids))
+                starts.append(len(prompt))
+                hits = (ids == gen_id).nonzero()
+                has_gen.append(len(hits) > 0)
+                gen_pos.append(len(prompt) + (int(hits[0, 0]) if len(hits) else len(ids) - 1))
+                texts.append(r.text)
+                prompt_texts.append(prompt.prompt)
+                lengths.append(len(r.completion_ids))
+        inputs = collate(seqs, self.encoder.token_ids.pad)
+        length = inputs["input_ids"].shape[1]
+        mask = torch.zeros((len(seqs), length - 1), dtype=torch.bool)
+        gen_index = []
+        for row, (seq, start, pos) in enumerate(zip(seqs, starts, gen_pos)):
+            pad = length - len(seq)
+            mask[row, pad + start - 1: pad + len(seq) - 1] = True  # states that predict completion tokens
+            gen_index.append(pad + pos)
+        device = self.args.device
+        return RolloutBatch(
+            inputs={k: v.to(device) for k, v in inputs.items()}, completion_mask=mask.to(device),
+            gen_index=torch.tensor(gen_index, device=device), has_gen=torch.tensor(has_gen, device=device),
+            texts=texts, prompts=prompt_texts, lengths=torch.tensor(lengths, dtype=torch.float, device=device),
+        )
+
+    def _rewards(self, records: list[PairRecord], batches: dict[str, RolloutBatch],
+                 states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Total reward per rollout for each side, logging every component."""
+        args = self.args
+        G = args.num_generations
+        local = states["query"].shape[0]
+        q_all, t_all = _gather_no_grad(states["query"].detach()), _gather_no_grad(states["target"].detach())
+        q_emb, t_emb = embedding_reward(q_all, t_all, G)
+        start = self.process_index * local
+        emb = {"query": q_emb[start:start + local], "target": t_emb[start:start + local]}
+        totals = {}
+        for side in SIDES:
+            batch = batches[side]
+            fmt = torch.tensor(format_reward(batch.texts), device=batch.has_gen.device)
+            side_emb = torch.where(batch.has_gen, emb[side].to(fmt.device), torch.zeros_like(fmt))  # no <gen_emb>: 0
+            total = args.format_reward_weight * fmt + args.embedding_reward_weight * side_emb
+            columns = {k: [v for v in values for _ in range(G)] for k, values in self._columns(records, side).items()}
+            for fn, weight in self.extra_rewards:
+                values = fn(batch.prompts, batch.texts, **columns)
+                if len(values) != len(batch.texts):
+                    raise ValueError(f"reward {getattr(fn, '__name__', fn)} returned {len(values)} values "
+                                     f"for {len(batch.texts)} completions")
+                extra = torch.tensor([0.0 if v is None else float(v) for v in values], device=fmt.device)
+                total = total + weight * extra
+                self._metrics[f"{side}_reward_{getattr(fn, '__name__', 'extra')}"].append(float(extra.mean()))
+            totals[side] = total
+        self.last_rewards = {side: t.detach() for side, t in totals.items()}  # for inspection and tests
+            self._metrics[f"{side}_reward"].append(float(total.mean()))
+            self._metrics[f"{side}_reward_format"].append(float(fmt.mean()))
+            self._metrics[f"{side}_reward_embedding"].append(float(side_emb.mean()))
+            self._metrics[f"{side}_completion_length"].append(float(batch.lengths.mean()))
+        return totals
+
+    @staticmethod
+    def _columns(records: list[PairRecord], side: str) -> dict[str, list]:
+        return {"side": [side] * len(records), "record": records, "dataset": [r.dataset for r in records],
+                **{k: [r.extra.get(k) for r in records] for k in sorted({k for r in records for k in r.extra})}}
+
+    def _side_loss(self, side: str, logps: torch.Tensor, batch: RolloutBatch, advantages: torch.Tensor) -> torch.Tensor:
+        args = self.args
+        mask = batch.completion_mask.float()
+        ratio = torch.exp(logps - logps.detach())  # on-policy: 1, with the policy's gradient
+        adv = advantages[:, None]
+        clipped = torch.clamp(ratio, 1 - args.epsilon_low, 1 + args.epsilon_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logps, _ = token_logps_and_states(self.reference, batch)
+            delta = ref_logps - logps
+            kl = torch.exp(delta) - delta - 1  # k3 estimator of KL(policy || reference)
+            per_token = per_token + args.beta * kl
+            self._metrics[f"{side}_kl"].append(float((kl * mask).sum() / mask.sum().clamp(min=1)))
+        was_clipped = ((ratio < 1 - args.epsilon_low) & (adv < 0)) | ((ratio > 1 + args.epsilon_high) & (adv > 0))
+        self._metrics[f"{side}_clip_fraction"].append(float((was_clipped.float() * mask).sum() / mask.sum().clamp(min=1)))
+        # Dr. GRPO-style normalisation: every token counts alike, divided by the max length.
+        return (per_token * mask).sum() / (mask.shape[0] * args.max_completion_length)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        records: list[PairRecord] = inputs["records"]
+        batches = {side: self._rollout_side(records, side) for side in SIDES}
+        out = model(query=batches["query"], target=batches["target"])
+        states = {side: out[f"{side}_states"] for side in SIDES}
+        rewards = self._rewards(records, batches, states)
+        losses = {}
+        for side in SIDES:
+            advantages = group_advantages(rewards[side], self.args.num_generations)
+            losses[side] = self._side_loss(side, out[f"{side}_logps"], batches[side], advantages)
+            self._metrics[f"{side}_loss"].append(float(losses[side]))
+        loss = (losses["query"] + losses["target"]) / 2
+        return (loss, out) if return_outputs else loss
+
+    # -- logging and evaluation (as SFT) ----------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            names = sorted(self._metrics)
+            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names], device=self.args.device)
+            means = self.accelerator.gather(local[None]).mean(0)
+            logs.update({n: round(float(v), 4) for n, v in zip(names, means)})
+            fmt = [logs[f"{s}_reward_format"] for s in SIDES if f"{s}_reward_format" in logs]
+            if fmt:
+                logs["format_rate"] = round(sum(fmt) / len(fmt), 4)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        records = eval_dataset if eval_dataset is not None else self.eval_records
+        if not records:
+            return {}
+        was_training = self.trained_model.training
+        self.trained_model.eval()
+        try:
+            metrics = retrieval_hit_at_1(self.encoder, records, modes=("gen",))
+        finally:
+            self.trained_model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        return metrics
