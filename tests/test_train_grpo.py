@@ -167,12 +167,12 @@ def test_embedding_reward_reaches_rollouts_that_end_in_gen_emb(tiny_ckpt, shapes
     tok = trainer.processor.tokenizer
     script = tok("<think>x</think><answer> y <gen_emb><|im_end|>", add_special_tokens=False)["input_ids"]
     token_ids = UMEEncoder(trainer.inner_model, trainer.processor).token_ids
-    rollouts = TransformersRollouts(trainer.inner_model, trainer.processor, token_ids, max_new_tokens=12,
+    rollouts = TransformersRollouts(trainer.inner_model, trainer.processor, token_ids, max_new_tokens=24,
                                     generation_kwargs={"logits_processor": [ForceScript(script)]})
     trainer.rollouts = rollouts
     loss = trainer.compute_loss(trainer.model, {"records": records})
     assert torch.isfinite(loss)
-    assert trainer._metrics["query_reward_format"][-1] == 1.0
+    assert trainer._metrics["query_reward_format"][-1] == 1.0, trainer._rollout_side(records, "query").texts
     batches = {s: trainer._rollout_side(records, s) for s in ("query", "target")}
     with torch.no_grad():
         out = trainer.model(query=batches["query"], target=batches["target"])

@@ -191,22 +191,31 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
                 prompts.append(preparer.prepare(item))
             except Exception as exc:  # noqa: BLE001 - name the record, whatever failed
                 raise RecordError(record.where, f"{side}: {exc}") from None
-        first = self.process_index * len(records)  # global index of this process's first prompt
+        first = self.args.process_index * len(records)  # global index of this process's first prompt
         seeds = [rollout_seed(args.seed, self.state.global_step, side, first + i) for i in range(len(records))]
         rollouts = self.rollouts.generate(prompts, G, seeds)
         gen_id = self.encoder.token_ids.gen
+        config = self.trained_model.config
+        vision_ids = {getattr(config, k, None) for k in ("image_token_id", "video_token_id",
+                                                         "vision_start_token_id", "vision_end_token_id")} - {None}
         seqs, starts, gen_pos, has_gen, texts, prompt_texts, lengths = [], [], [], [], [], [], []
         for prompt, group in zip(prompts, rollouts):
             for r in group:
-                ids = torch.tensor(r.completion_ids or [self.encoder.token_ids.eos[0]], dtype=torch.long)
+                completion = r.completion_ids
+                # A vision placeholder cannot be fed back as text (the model would look for its
+                # pixels): the rollout is cut before it, like a rollout that ran out of tokens.
+                cut = next((i for i, t in enumerate(completion) if t in vision_ids), None)
+                if cut is not None:
+                    completion = completion[:cut]
+                ids = torch.tensor(completion or [self.encoder.token_ids.eos[0]], dtype=torch.long)
                 seqs.append(prompt.extended(ids))
                 starts.append(len(prompt))
                 hits = (ids == gen_id).nonzero()
                 has_gen.append(len(hits) > 0)
                 gen_pos.append(len(prompt) + (int(hits[0, 0]) if len(hits) else len(ids) - 1))
-                texts.append(r.text)
+                texts.append(r.text if cut is None else self.encoder.backend.decode(completion))
                 prompt_texts.append(prompt.prompt)
-                lengths.append(len(r.completion_ids))
+                lengths.append(len(completion))
         inputs = collate(seqs, self.encoder.token_ids.pad)
         length = inputs["input_ids"].shape[1]
         mask = torch.zeros((len(seqs), length - 1), dtype=torch.bool)
@@ -230,7 +239,7 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
         local = states["query"].shape[0]
         q_all, t_all = _gather_no_grad(states["query"].detach()), _gather_no_grad(states["target"].detach())
         q_emb, t_emb = embedding_reward(q_all, t_all, G)
-        start = self.process_index * local
+        start = self.args.process_index * local
         emb = {"query": q_emb[start:start + local], "target": t_emb[start:start + local]}
         totals = {}
         for side in SIDES:
@@ -248,11 +257,11 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
                 total = total + weight * extra
                 self._metrics[f"{side}_reward_{getattr(fn, '__name__', 'extra')}"].append(float(extra.mean()))
             totals[side] = total
-        self.last_rewards = {side: t.detach() for side, t in totals.items()}  # for inspection and tests
             self._metrics[f"{side}_reward"].append(float(total.mean()))
             self._metrics[f"{side}_reward_format"].append(float(fmt.mean()))
             self._metrics[f"{side}_reward_embedding"].append(float(side_emb.mean()))
             self._metrics[f"{side}_completion_length"].append(float(batch.lengths.mean()))
+        self.last_rewards = {side: t.detach() for side, t in totals.items()}  # for inspection and tests
         return totals
 
     @staticmethod
