@@ -278,3 +278,32 @@ def test_delete_by_item_source_and_by_relative_path_of_a_removed_file(index, tmp
     monkeypatch.chdir(folder)
     (folder / "a.txt").unlink()
     assert index.delete("a.txt") == 1 and index.count() == 0
+
+
+def test_a_file_named_twice_is_indexed_once(index, corpus):
+    report = index.add([corpus / "red.png", corpus, corpus / "red.png", str(corpus / "report.pdf")])
+    indexed = [(Path(e.source).name, e.locator) for e in report.entries if e.status == "indexed"]
+    assert len(indexed) == len(set(indexed)) == 7
+    assert index.count() == 7
+
+
+def test_a_failing_ingest_stops_its_loader_thread(encoder, tmp_path):
+    """When encoding raises, add() raises and its loader thread (blocked on a full queue) ends."""
+    import threading
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(60):  # far more items than the queue holds
+        (root / f"n{i:02d}.md").write_text(f"note number {i}")
+    idx = UMEIndex(encoder, tmp_path / "fails", batch_size=2, flush_batches=1)
+    before = set(threading.enumerate())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model fell over")
+
+    idx._flush = broken
+    with pytest.raises(RuntimeError, match="fell over"):
+        idx.add([root])
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert leftover == []
+    idx.close()

@@ -3,13 +3,11 @@ above chance. A broken loss, a wrong read-out position or a lost gradient fails 
 
 from __future__ import annotations
 
-import pytest
-
 
 def test_short_sft_run_retrieves_far_above_chance(tmp_path):
     import torch
 
-    from ume_retriever.model.tiny import TinyModelSpec, build_tiny_checkpoint
+    from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
     from ume_train import SFTConfig, SFTTrainer
     from ume_train.data.records import read_records
     from ume_train.data.synthetic import make_dataset
@@ -17,9 +15,7 @@ def test_short_sft_run_retrieves_far_above_chance(tmp_path):
 
     torch.manual_seed(0)
     # The benchmark's model and data (benchmarks/sft_learning.py), trained for a fixed ~1.5 minutes.
-    spec = TinyModelSpec(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, rope_theta=10.0, vision_embed_dim=64, vision_num_heads=2,
-                         bpe_vocab_size=1024, min_pixels=28 * 28, max_pixels=28 * 28)
+    spec = synthetic_task_spec(28)
     ckpt = build_tiny_checkpoint(tmp_path / "init", spec=spec)
     data = make_dataset(tmp_path / "data", image_size=28, train_per_scene=8, seed=0)
     args = SFTConfig(output_dir=str(tmp_path / "out"), model_name_or_path=str(ckpt), train_files=[str(data.train)],

@@ -9,6 +9,7 @@ ends with exactly one point per item.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -182,7 +183,8 @@ class UMEIndex:
             inputs = [inputs]
         # Bounded (rendered pages wait here), but deep enough for the loader to run a flush ahead.
         work: queue.Queue = queue.Queue(maxsize=2 * self.batch_size * self.flush_batches)
-        loader = threading.Thread(target=self._produce, args=(list(inputs), work), daemon=True)
+        stop = threading.Event()  # set when this call ends, however it ends: the loader quits
+        loader = threading.Thread(target=self._produce, args=(list(inputs), _Feed(work, stop)), daemon=True)
         loader.start()  # loading/rendering overlaps with encoding
         from tqdm.auto import tqdm
 
@@ -202,32 +204,35 @@ class UMEIndex:
             loaded_sources.clear()
 
         with tqdm(desc="indexing", unit="item", disable=not show_progress) as bar:
-            while True:
-                msg = work.get()
-                if msg is None:
-                    break
-                kind, payload = msg
-                if kind == "failure":
-                    report.entries.append(IngestEntry(payload.source, "", "failed", payload.reason))
-                    source_failed.add(payload.source)
-                elif kind == "unchanged":
-                    report.entries.extend(payload)
-                    bar.update(len(payload))
-                elif kind == "item":
-                    loaded: LoadedItem = payload
-                    pid = point_id(loaded.source, loaded.locator, loaded.content_hash, self.vectors)
-                    source_ids.setdefault(loaded.source, {})[pid] = loaded.locator
-                    pending.append((loaded, pid))
-                    # A few batches per encode call (encode() sorts them by length, less padding),
-                    # but never let the model wait for the loader: go as soon as a batch is
-                    # ready and nothing else is queued.
-                    if len(pending) >= self.batch_size * self.flush_batches or (
-                            len(pending) >= self.batch_size and work.empty()):
-                        flush()
-                elif kind == "done":  # finished at the next flush, so small files share batches
-                    loaded_sources.append(payload)
-            flush()
-        loader.join()
+            try:
+                while True:
+                    msg = work.get()
+                    if msg is None:
+                        break
+                    kind, payload = msg
+                    if kind == "failure":
+                        report.entries.append(IngestEntry(payload.source, "", "failed", payload.reason))
+                        source_failed.add(payload.source)
+                    elif kind == "unchanged":
+                        report.entries.extend(payload)
+                        bar.update(len(payload))
+                    elif kind == "item":
+                        loaded: LoadedItem = payload
+                        pid = point_id(loaded.source, loaded.locator, loaded.content_hash, self.vectors)
+                        source_ids.setdefault(loaded.source, {})[pid] = loaded.locator
+                        pending.append((loaded, pid))
+                        # A few batches per encode call (encode() sorts them by length, less padding),
+                        # but never let the model wait for the loader: go as soon as a batch is
+                        # ready and nothing else is queued.
+                        if len(pending) >= self.batch_size * self.flush_batches or (
+                                len(pending) >= self.batch_size and work.empty()):
+                            flush()
+                    elif kind == "done":  # finished at the next flush, so small files share batches
+                        loaded_sources.append(payload)
+                flush()
+            finally:
+                stop.set()  # a consumer that raised must not leave the loader blocked on a full queue
+                loader.join()
         report.seconds = time.perf_counter() - started
         logger.info("ingest: %s", report.summary())
         return report
@@ -246,15 +251,17 @@ class UMEIndex:
     def count(self, flt: FilterSpec | None = None) -> int:
         return self.store.count({**(flt or {}), "kind": "item"})
 
-    def _produce(self, inputs: list[Any], out: queue.Queue) -> None:
+    def _produce(self, inputs: list[Any], out: "_Feed") -> None:
         """Loader thread: items (lazily), per-file 'unchanged' shortcuts and failures, in order."""
+        seen: set[str] = set()  # a file named twice (or inside a folder also named) is indexed once
         try:
             for value in inputs:
                 if isinstance(value, (str, os.PathLike)):
                     for path in walk([value]):
                         if isinstance(path, LoadFailure):
                             out.put(("failure", path))
-                        else:
+                        elif str(path) not in seen:
+                            seen.add(str(path))
                             self._produce_file(path, out)
                 else:
                     try:
@@ -266,13 +273,16 @@ class UMEIndex:
                     chash = item_hash(item)
                     out.put(("item", LoadedItem(item, source, str(item.metadata.get("locator", "")),
                                                 _modality(item), chash, chash, text=item.text)))
+        except _Stopped:
+            return  # the consumer has gone
         except Exception as exc:  # noqa: BLE001 - never leave the consumer waiting
             logger.exception("loader thread failed")
-            out.put(("failure", LoadFailure("<loader>", f"{type(exc).__name__}: {exc}")))
-        finally:
+            with contextlib.suppress(_Stopped):
+                out.put(("failure", LoadFailure("<loader>", f"{type(exc).__name__}: {exc}")))
+        with contextlib.suppress(_Stopped):
             out.put(None)
 
-    def _produce_file(self, path: Path, out: queue.Queue) -> None:
+    def _produce_file(self, path: Path, out: "_Feed") -> None:
         source = str(path)
         try:
             fhash = file_hash(path)
@@ -435,3 +445,24 @@ def _modality(item: Item) -> str:
     if item.all_images():
         return "image+text" if item.text else "image"
     return "text"
+
+
+class _Stopped(Exception):
+    """The consumer of an ingest ended; the loader thread stops."""
+
+
+class _Feed:
+    """The loader's end of the work queue: ``put`` gives up once the consumer has stopped."""
+
+    def __init__(self, work: queue.Queue, stop: threading.Event):
+        self.work = work
+        self.stop = stop
+
+    def put(self, msg: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.work.put(msg, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     syn = sub.add_parser("synthetic", help="write the synthetic shape-scene dataset")
     syn.add_argument("root")
     syn.add_argument("--modalities", default="image")
-    syn.add_argument("--image-size", type=int, default=56)
+    syn.add_argument("--image-size", type=int, default=28)
     syn.add_argument("--train-per-scene", type=int, default=8)
     syn.add_argument("--seed", type=int, default=0)
     ns, rest = parser.parse_known_args(argv)

@@ -195,7 +195,7 @@ def make_dataset(
     root: str | Path,
     *,
     modalities: tuple[str, ...] = ("image",),
-    image_size: int = 56,
+    image_size: int = 28,
     train_per_scene: int = 8,
     heldout_fraction: float = 0.2,
     video_frames_per_clip: int = 8,
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Write the synthetic shape-scene dataset (offline).")
     ap.add_argument("root")
     ap.add_argument("--modalities", default="image", help="comma-separated: image,video,pdf")
-    ap.add_argument("--image-size", type=int, default=56)
+    ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--train-per-scene", type=int, default=8)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
