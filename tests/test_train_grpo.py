@@ -207,8 +207,10 @@ def _free_port() -> int:
 def test_two_processes_equal_one_process(tiny_ckpt, shapes, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = str(WORKERS / "grpo_step.py")
-    subprocess.run([sys.executable, script, str(tiny_ckpt), str(shapes.train), str(tmp_path / "one.pt")],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
+    sys.path.insert(0, str(WORKERS))
+    import grpo_step
+
+    grpo_step.main(str(tiny_ckpt), str(shapes.train), str(tmp_path / "one.pt"))  # one process: this one
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     str(_free_port()), script, str(tiny_ckpt), str(shapes.train), str(tmp_path / "two.pt")],
                    check=True, env=env, cwd=tmp_path, timeout=300)

@@ -30,7 +30,7 @@ def test_short_sft_run_retrieves_far_above_chance(tmp_path):
     metrics = retrieval_hit_at_1(trainer.encoder, evals)
     chance = 1 / len(evals)  # 120 candidates
     assert len(evals) == 120
-    assert metrics["disc_hit1"] >= 0.25 > 30 * chance, metrics
+    assert metrics["disc_hit1"] >= 0.25 and 0.25 >= 30 * chance, metrics  # 30x chance
     assert metrics["disc_hit1_unseen"] >= 0.15, metrics  # combinations never seen in training
     assert metrics["gen_well_formed"] >= 0.95, metrics  # real greedy generation follows the format
     losses = [h for h in trainer.state.log_history if "nce_disc" in h]

@@ -220,9 +220,11 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
         length = inputs["input_ids"].shape[1]
         mask = torch.zeros((len(seqs), length - 1), dtype=torch.bool)
         gen_index = []
-        for row, (seq, start, pos) in enumerate(zip(seqs, starts, gen_pos)):
+        for row, (seq, start, pos, n) in enumerate(zip(seqs, starts, gen_pos, lengths)):
             pad = length - len(seq)
-            mask[row, pad + start - 1: pad + len(seq) - 1] = True  # states that predict completion tokens
+            # States that predict completion tokens; an empty completion (its placeholder
+            # end token was never generated) scores nothing.
+            mask[row, pad + start - 1: pad + start - 1 + n] = True
             gen_index.append(pad + pos)
         device = self.args.device
         return RolloutBatch(
@@ -282,7 +284,7 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
             delta = ref_logps - logps
             kl = torch.exp(delta) - delta - 1  # k3 estimator of KL(policy || reference)
             per_token = per_token + args.beta * kl
-            self._metrics[f"{side}_kl"].append(float((kl * mask).sum() / mask.sum().clamp(min=1)))
+            self._metrics[f"{side}_kl"].append(float((kl.detach() * mask).sum() / mask.sum().clamp(min=1)))
         was_clipped = ((ratio < 1 - args.epsilon_low) & (adv < 0)) | ((ratio > 1 + args.epsilon_high) & (adv > 0))
         self._metrics[f"{side}_clip_fraction"].append(float((was_clipped.float() * mask).sum() / mask.sum().clamp(min=1)))
         # Dr. GRPO-style normalisation: every token counts alike, divided by the max length.
@@ -298,7 +300,7 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
         for side in SIDES:
             advantages = group_advantages(rewards[side], self.args.num_generations)
             losses[side] = self._side_loss(side, out[f"{side}_logps"], batches[side], advantages)
-            self._metrics[f"{side}_loss"].append(float(losses[side]))
+            self._metrics[f"{side}_loss"].append(float(losses[side].detach()))
         loss = (losses["query"] + losses["target"]) / 2
         return (loss, out) if return_outputs else loss
 
