@@ -40,7 +40,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=8, help="pairs per step")
     ap.add_argument("--generations", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--temperature", type=float, default=0.7,
+                    help="rollout temperature (the paper's 1.0 makes this tiny early model write mostly noise)")
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--max-completion", type=int, default=40)
     ap.add_argument("--image-size", type=int, default=56, help="must match the SFT run's data")
@@ -60,6 +62,7 @@ def main() -> None:
         config = GRPOConfig(
             output_dir=str(tmp / "run"), model_name_or_path=args.sft, use_cpu=True, per_device_train_batch_size=args.batch,
             num_generations=args.generations, max_completion_length=args.max_completion, beta=args.beta,
+            temperature=args.temperature,
             learning_rate=args.lr, lr_scheduler_type="constant", max_steps=10**6, logging_steps=5,
             save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True, eval_max_new_tokens=48,
         )

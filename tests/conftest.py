@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
+
 from helpers import write_mp4
 
 
