@@ -17,7 +17,7 @@ def _ids(encoder, text: str) -> list[int]:
 def scripted(encoder):
     """Texts, and the completion each is forced to produce (by prompt length)."""
     gen, end = encoder.token_ids.gen, encoder.token_ids.eos[0]
-    texts = ["red", "a blue square", "three green circles on the left", "no summary"]
+    texts = ["red", "a blue square", "three green circles on the left", "no summary here at all"]
     completions = [
         _ids(encoder, "<think>red</think><answer> red ") + [gen, end],
         _ids(encoder, "<think>a square that is blue</think><answer> blue square ") + [gen, end],
