@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,15 +26,14 @@ from transformers import Trainer
 from ume_retriever.model.encoder import UMEEncoder
 from ume_retriever.model.preprocess import PreparedInput, collate
 
-from .checkpoint import load_for_training
 from .config import GRPOConfig
 from .data.records import PairRecord, RecordError, read_records
 from .evaluation import retrieval_hit_at_1
 from .losses import world_size
-from .modeling import MODEL_INPUT_KEYS, language_model_parts
+from .modeling import MODEL_INPUT_KEYS, TrainingWrapper, language_model_parts
 from .rewards import embedding_reward, format_reward, group_advantages
 from .rollouts import RolloutGenerator, TransformersRollouts, rollout_seed
-from .trainer_common import EncoderLayoutCheckpoints, model_dtype
+from .trainer_common import EncoderLayoutCheckpoints, log_with_metrics, resolve_model
 
 logger = logging.getLogger(__name__)
 RewardFn = Callable[..., list]
@@ -70,21 +68,8 @@ def token_logps_and_states(model: nn.Module, batch: RolloutBatch) -> tuple[torch
     return logps.masked_scatter(mask, picked), states
 
 
-class GRPOPolicy(nn.Module):
+class GRPOPolicy(TrainingWrapper):
     """One forward for both sides (DDP/DeepSpeed/FSDP hook this wrapper's forward)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    @property
-    def config(self) -> Any:
-        return self.model.config
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        if hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()
 
     def forward(self, query: RolloutBatch, target: RolloutBatch) -> dict[str, torch.Tensor]:
         q_logps, q_states = token_logps_and_states(self.model, query)
@@ -127,17 +112,7 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
         rollouts: RolloutGenerator | None = None,
         callbacks: list | None = None,
     ):
-        if args is None:
-            raise ValueError("GRPOTrainer needs args=GRPOConfig(...)")
-        model = model if model is not None else args.model_name_or_path
-        if model is None:
-            raise ValueError("no model: pass model= or set model_name_or_path in the config")
-        if isinstance(model, (str, os.PathLike)):
-            model, processor = load_for_training(str(model), dtype=model_dtype(args),
-                                                 attn_implementation=args.attn_implementation,
-                                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        elif processor is None:
-            raise ValueError("pass processor= together with a model instance")
+        model, processor = resolve_model(model, args, processor, "GRPOTrainer")
         for name, param in model.model.visual.named_parameters():
             param.requires_grad = not args.freeze_vision_tower or name.startswith("merger")
         self.trained_model = model
@@ -307,15 +282,10 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
     # -- logging and evaluation (as SFT) ----------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._metrics and "loss" in logs:
-            names = sorted(self._metrics)
-            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names], device=self.args.device)
-            means = self.accelerator.gather(local[None]).mean(0)
-            logs.update({n: round(float(v), 4) for n, v in zip(names, means)})
-            fmt = [logs[f"{s}_reward_format"] for s in SIDES if f"{s}_reward_format" in logs]
-            if fmt:
-                logs["format_rate"] = round(sum(fmt) / len(fmt), 4)
-            self._metrics.clear()
+        log_with_metrics(self, logs)
+        fmt = [logs[f"{s}_reward_format"] for s in SIDES if f"{s}_reward_format" in logs]
+        if fmt:
+            logs["format_rate"] = round(sum(fmt) / len(fmt), 4)
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

@@ -61,21 +61,12 @@ class LossWeights:
     target_ce: float = 1.0
 
 
-class UMETrainingModel(nn.Module):
-    """Computes the UME-R1 SFT loss; ``forward(query=..., target=...)`` returns the loss and its terms.
+class TrainingWrapper(nn.Module):
+    """A loss module around the Qwen2-VL model that Trainer can configure like the model itself."""
 
-    InfoNCE runs on embeddings gathered from every process (with gradient); each process
-    computes the same global value. The CE terms are normalised by the GLOBAL number of
-    answer tokens and scaled by the world size, so that DDP's gradient averaging yields the
-    gradient of the global token mean: a run on N processes equals one process on the
-    global batch.
-    """
-
-    def __init__(self, model: nn.Module, weights: LossWeights | None = None, scale: float = 50.0):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.weights = weights or LossWeights()
-        self.scale = scale
 
     @property
     def config(self) -> Any:
@@ -88,6 +79,22 @@ class UMETrainingModel(nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing_disable()
+
+
+class UMETrainingModel(TrainingWrapper):
+    """Computes the UME-R1 SFT loss; ``forward(query=..., target=...)`` returns the loss and its terms.
+
+    InfoNCE runs on embeddings gathered from every process (with gradient); each process
+    computes the same global value. The CE terms are normalised by the GLOBAL number of
+    answer tokens and scaled by the world size, so that DDP's gradient averaging yields the
+    gradient of the global token mean: a run on N processes equals one process on the
+    global batch.
+    """
+
+    def __init__(self, model: nn.Module, weights: LossWeights | None = None, scale: float = 50.0):
+        super().__init__(model)
+        self.weights = weights or LossWeights()
+        self.scale = scale
 
     def forward(self, query: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         q = side_forward(self.model, query)

@@ -6,7 +6,6 @@ FSDP, gradient accumulation, schedules, checkpointing and resuming work as users
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from typing import Any
 
@@ -15,13 +14,12 @@ from transformers import Trainer
 
 from ume_retriever.model.encoder import UMEEncoder
 
-from .checkpoint import load_for_training
 from .config import SFTConfig
 from .data.pairs import PairCollator, PairDataset, SideTokenizer
 from .data.records import PairRecord, read_records
 from .evaluation import retrieval_hit_at_1
 from .modeling import LossWeights, UMETrainingModel
-from .trainer_common import EncoderLayoutCheckpoints, model_dtype
+from .trainer_common import EncoderLayoutCheckpoints, log_with_metrics, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +62,7 @@ class SFTTrainer(EncoderLayoutCheckpoints, Trainer):
         processor: Any = None,
         callbacks: list | None = None,
     ):
-        if args is None:
-            raise ValueError("SFTTrainer needs args=SFTConfig(...)")
-        model = model if model is not None else args.model_name_or_path
-        if model is None:
-            raise ValueError("no model: pass model= or set model_name_or_path in the config")
-        if isinstance(model, (str, os.PathLike)):
-            model, processor = load_for_training(
-                str(model), dtype=model_dtype(args), attn_implementation=args.attn_implementation,
-                min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            )
-        elif processor is None:
-            raise ValueError("pass processor= together with a model instance")
+        model, processor = resolve_model(model, args, processor, "SFTTrainer")
         set_trainable(model, args)
         if args.use_lora:
             model = apply_lora(model, args)
@@ -120,13 +107,7 @@ class SFTTrainer(EncoderLayoutCheckpoints, Trainer):
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._metrics and "loss" in logs:
-            names = sorted(self._metrics)
-            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names],
-                                 device=self.args.device)
-            means = self.accelerator.gather(local[None]).mean(0)  # average over processes
-            logs.update({n: round(float(v), 4) for n, v in zip(names, means)})
-            self._metrics.clear()
+        log_with_metrics(self, logs)
         super().log(logs, start_time)
 
     # -- evaluation: real retrieval, gen through real generation ------------------------------

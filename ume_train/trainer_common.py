@@ -21,6 +21,34 @@ def model_dtype(args: Any) -> torch.dtype:
     return torch.float32
 
 
+def resolve_model(model: Any, args: Any, processor: Any, trainer_name: str) -> tuple[torch.nn.Module, Any]:
+    """(model, processor): a given instance (with its processor) or one loaded from a path."""
+    if args is None:
+        raise ValueError(f"{trainer_name} needs args=...Config(...)")
+    model = model if model is not None else args.model_name_or_path
+    if model is None:
+        raise ValueError("no model: pass model= or set model_name_or_path in the config")
+    if isinstance(model, (str, os.PathLike)):
+        from .checkpoint import load_for_training
+
+        return load_for_training(str(model), dtype=model_dtype(args), attn_implementation=args.attn_implementation,
+                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if processor is None:
+        raise ValueError("pass processor= together with a model instance")
+    return model, processor
+
+
+def log_with_metrics(trainer: Any, logs: dict[str, float]) -> None:
+    """Add the means of ``trainer._metrics`` (averaged over processes) to a loss log, then clear them."""
+    if trainer._metrics and "loss" in logs:
+        names = sorted(trainer._metrics)
+        local = torch.tensor([sum(trainer._metrics[n]) / len(trainer._metrics[n]) for n in names],
+                             device=trainer.args.device)
+        means = trainer.accelerator.gather(local[None]).mean(0)
+        logs.update({n: round(float(v), 4) for n, v in zip(names, means)})
+        trainer._metrics.clear()
+
+
 class EncoderLayoutCheckpoints:
     """A ``Trainer`` mixin: ``save_model`` and ``checkpoint-N`` folders hold the published layout
     (what ``UMEEncoder.from_pretrained`` reads), and resuming reads them back.
