@@ -45,7 +45,7 @@ def main() -> None:
                     help="rollout temperature (the paper's 1.0 makes this tiny early model write mostly noise)")
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--max-completion", type=int, default=40)
-    ap.add_argument("--image-size", type=int, default=56, help="must match the SFT run's data")
+    ap.add_argument("--image-size", type=int, default=28, help="must match the SFT run's data")
     ap.add_argument("--train-per-scene", type=int, default=16, help="must match the SFT run's data")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/grpo_learning")

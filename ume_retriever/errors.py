@@ -31,3 +31,15 @@ class InputError(UMEError, ValueError):
 
 class CheckpointError(UMEError):
     """A checkpoint lacks something a UME-R1 checkpoint must have."""
+
+
+class BatchEncodeError(UMEError):
+    """Some inputs of a call that must return one vector per input (a framework's
+    ``embed_documents``) failed. Every input was still encoded: ``results`` holds all of them
+    (failed ones with their ``error``), ``failed`` the failures."""
+
+    def __init__(self, results: list, failed: list):
+        self.results = results
+        self.failed = failed
+        shown = "; ".join(str(r.error) for r in failed[:5]) + (f"; ... ({len(failed) - 5} more)" if len(failed) > 5 else "")
+        super().__init__(f"{len(failed)} of {len(results)} inputs could not be embedded: {shown}")

@@ -45,10 +45,33 @@ class Fusion:
 
     @classmethod
     def parse(cls, value: "Fusion | str") -> "Fusion":
-        """``Fusion`` or a name: "rrf", "weighted", "dbsf", "disc", "gen"."""
+        """``Fusion``, a name ("rrf", "weighted", "dbsf", "disc", "gen"), or a name with
+        parameters as the command line writes them: "weighted:disc=0.3,gen=0.7", "rrf:k=61"."""
         if isinstance(value, Fusion):
             return value
-        return cls(method=value)  # type: ignore[arg-type]
+        if not isinstance(value, str):
+            raise ValueError(f"fusion must be a Fusion or a string, got {type(value).__name__}")
+        method, _, params = value.partition(":")
+        names = {"disc": "disc_weight", "gen": "gen_weight", "k": "k"}
+        kwargs: dict[str, float | int] = {}
+        for part in filter(None, (p.strip() for p in params.split(","))):
+            key, eq, raw = part.partition("=")
+            if not eq or key.strip() not in names:
+                raise ValueError(f"fusion {value!r}: parameters are disc=W, gen=W and k=N (got {part!r})")
+            try:
+                kwargs[names[key.strip()]] = int(raw) if key.strip() == "k" else float(raw)
+            except ValueError:
+                raise ValueError(f"fusion {value!r}: {key.strip()} must be a number, got {raw!r}") from None
+        return cls(method=method.strip(), **kwargs)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        """The ``parse`` form: "rrf", "weighted:disc=0.3,gen=0.7"."""
+        params = []
+        if self.method in ("weighted", "rrf") and (self.disc_weight, self.gen_weight) != (1.0, 1.0):
+            params += [f"disc={self.disc_weight:g}", f"gen={self.gen_weight:g}"]
+        if self.method == "rrf" and self.k != 60:
+            params.append(f"k={self.k}")
+        return self.method + (":" + ",".join(params) if params else "")
 
     @property
     def needs_disc(self) -> bool:

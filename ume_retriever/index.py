@@ -133,7 +133,8 @@ class UMEIndex:
     """Disc and gen vectors of files and items, in a Qdrant store, searched with fusion.
 
     ``store``: a ``VectorStore``, or a folder for the embedded Qdrant Edge store (default
-    ``./ume-index``). ``vectors``: which vectors to compute and store ("disc", "gen" or both).
+    ``./ume-index``); ``url`` (+ ``api_key``) instead: a Qdrant server or cluster.
+    ``vectors``: which vectors to compute and store ("disc", "gen" or both).
     """
 
     def __init__(
@@ -143,6 +144,8 @@ class UMEIndex:
         *,
         vectors: Sequence[str] = (DISC, GEN),
         collection: str = "ume",
+        url: str | None = None,
+        api_key: str | None = None,
         loader: LoaderConfig | None = None,
         batch_size: int | None = None,
         default_fusion: Fusion | str = "rrf",
@@ -155,8 +158,10 @@ class UMEIndex:
         self.vectors = tuple(v for v in (DISC, GEN) if v in vectors)
         self.schema = StoreSchema(vector_size=encoder.embedding_dim, model=encoder.name_or_path,
                                   revision=getattr(encoder, "revision", None))
+        if url is not None and store is not None:
+            raise ValueError("give a store path/object or a url, not both")
         if store is None or isinstance(store, (str, os.PathLike)):
-            store = open_store(self.schema, store, collection=collection)
+            store = open_store(self.schema, store, url=url, api_key=api_key, collection=collection)
         self.store: VectorStore = store
         cap = pixel_cap(encoder.processor)
         self.loader = loader or LoaderConfig(pdf_max_pixels=cap)
@@ -243,7 +248,7 @@ class UMEIndex:
 
     def delete(self, source: str | os.PathLike) -> int:
         """Remove every point of a source (a file path or an item's ``metadata['source']``)."""
-        keys = _source_keys(source)
+        keys = source_keys(source)
         n = self.store.count({"source": keys, "kind": "item"})
         self.store.delete_where({"source": keys})
         return n
@@ -429,7 +434,7 @@ class UMEIndex:
         self.close()
 
 
-def _source_keys(source: str | os.PathLike) -> list[str]:
+def source_keys(source: str | os.PathLike) -> list[str]:
     """How a source may be stored: files as absolute paths (even once gone from disk), item
     sources (``metadata['source']``, e.g. "db://notes/1") as given."""
     text = os.fspath(source)

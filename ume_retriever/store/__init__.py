@@ -12,7 +12,7 @@ from .base import (
 
 __all__ = [
     "DISC", "GEN", "VECTOR_NAMES", "FilterSpec", "SchemaMismatchError", "StoredHit", "StoredPoint",
-    "StoreLockedError", "StoreSchema", "VectorQuery", "VectorStore", "open_store",
+    "StoreLockedError", "StoreSchema", "VectorQuery", "VectorStore", "open_store", "recorded_schema",
 ]
 
 
@@ -40,3 +40,36 @@ def open_store(
     from .edge import EdgeStore
 
     return EdgeStore(path or "ume-index", schema, collection=collection, **options)
+
+
+def recorded_schema(
+    path: str | os.PathLike | None = None, *, url: str | None = None, api_key: str | None = None,
+    collection: str = "ume",
+) -> StoreSchema | None:
+    """The schema (model, vector size) an existing collection was built with, None if there is
+    none: lets the command line search, delete and describe an index without being told the model."""
+    if url is not None:
+        from qdrant_client import QdrantClient
+
+        client = QdrantClient(url=url, api_key=api_key)
+        try:
+            if not client.collection_exists(collection):
+                return None
+            meta = dict(getattr(client.get_collection(collection).config, "metadata", None) or {})
+        finally:
+            client.close()
+    else:
+        import json
+        from pathlib import Path
+
+        from .edge import SCHEMA_FILE
+
+        file = Path(path or "ume-index") / collection / SCHEMA_FILE
+        if not file.is_file():
+            return None
+        meta = json.loads(file.read_text())
+    if not meta.get("model") or not meta.get("vectors"):
+        return None
+    size = next(iter(meta["vectors"].values()))
+    return StoreSchema(vector_size=int(size), model=meta["model"], revision=meta.get("revision"),
+                       distance=meta.get("distance", "cosine"))

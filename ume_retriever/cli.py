@@ -1,0 +1,319 @@
+"""The ``ume`` command: index files, search, delete, describe an index.
+
+    ume index docs/ slides.pdf photo.jpg --model zhibinlan/UME-R1-2B
+    ume search "a red circle in the top left" --k 5
+    ume search --image query.png --fusion weighted:disc=0.3,gen=0.7 --json
+    ume delete docs/old.pdf
+    ume info
+
+The embedded store (``./ume-index``) is the default; ``--url`` (+ ``--api-key`` or
+``QDRANT_API_KEY``) uses a Qdrant server or cluster. ``search``/``delete``/``info`` read the
+model an index was built with from the index itself. Errors print one line and exit 1
+(``--verbose`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UMEError
+
+DEFAULT_MODEL = "zhibinlan/UME-R1-2B"
+logger = logging.getLogger(__name__)
+
+
+class CLIError(UMEError):
+    """A usage problem the command reports in one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ume", description="UME-R1 multimodal search: disc + gen vectors in Qdrant.")
+    ap.add_argument("--verbose", "-v", action="store_true", help="log progress details; show tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", default=os.environ.get("UME_STORE", "ume-index"),
+                       help="embedded store folder (default ./ume-index, or $UME_STORE)")
+        p.add_argument("--url", default=os.environ.get("QDRANT_URL"), help="Qdrant server/cluster URL (or $QDRANT_URL)")
+        p.add_argument("--api-key", default=os.environ.get("QDRANT_API_KEY"), help="Qdrant API key (or $QDRANT_API_KEY)")
+        p.add_argument("--collection", default="ume", help="collection name (default ume)")
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=os.environ.get("UME_MODEL"),
+                       help=f"hub name or checkpoint folder (default: the index's model, else {DEFAULT_MODEL})")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        p.add_argument("--dtype", help="float32, bfloat16 ... (default: bfloat16 on cuda, float32 on cpu)")
+        p.add_argument("--batch-size", type=int, help="inputs per forward pass")
+        p.add_argument("--max-new-tokens", type=int, help="reasoning length cap for gen vectors")
+
+    p = sub.add_parser("index", help="index files and folders (PDF pages, images, videos, text)")
+    p.add_argument("paths", nargs="+", help="files or folders (recursively)")
+    store_args(p)
+    model_args(p)
+    p.add_argument("--vectors", default="disc,gen", help="disc, gen or disc,gen (default both)")
+    p.add_argument("--pdf-dpi", type=int, default=144, help="PDF render resolution")
+    p.add_argument("--chunk-chars", type=int, help="split text files into chunks of about this many characters")
+    p.add_argument("--clip-seconds", type=float, help="split videos into clips of this length")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("search", help="search with a text and/or image query")
+    p.add_argument("query", nargs="?", help="query text (optional with --image)")
+    p.add_argument("--image", help="an image file as (part of) the query")
+    p.add_argument("--k", type=int, default=5, help="results (default 5)")
+    p.add_argument("--fusion", default="rrf",
+                   help="rrf (default), weighted, dbsf, disc, gen; parameters: weighted:disc=0.3,gen=0.7, rrf:k=61")
+    p.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
+                   help="payload filter, repeatable (ANDed): modality=pdf_page, page=3, page<=3, source=/abs/a.pdf")
+    p.add_argument("--gen-samples", type=int, default=1, help="sample this many reasoning chains (pass@k)")
+    p.add_argument("--instruction", help="task instruction before the query text")
+    p.add_argument("--json", action="store_true", help="print hits as JSON")
+    store_args(p)
+    model_args(p)
+
+    p = sub.add_parser("delete", help="remove files (or item sources) from the index")
+    p.add_argument("sources", nargs="+", help="file paths as indexed, or item sources")
+    store_args(p)
+
+    p = sub.add_parser("info", help="collection, model, counts")
+    p.add_argument("--json", action="store_true")
+    store_args(p)
+    return ap
+
+
+def parse_filters(specs: Sequence[str]) -> dict[str, Any] | None:
+    """``["modality=pdf_page", "page<=3", "page>=2"]`` -> our filter spec (conditions ANDed)."""
+    out: dict[str, Any] = {}
+    for spec in specs:
+        for op, key in (("<=", "lte"), (">=", "gte"), ("<", "lt"), (">", "gt"), ("=", None)):
+            field, sep, raw = spec.partition(op)
+            if sep and field.strip() and raw.strip():
+                break
+        else:
+            raise CLIError(f"--filter {spec!r}: write FIELD=VALUE, FIELD<=N, FIELD>=N, FIELD<N or FIELD>N")
+        field, raw = field.strip(), raw.strip()
+        if key is not None:
+            try:
+                bound = float(raw)
+            except ValueError:
+                raise CLIError(f"--filter {spec!r}: {raw!r} is not a number") from None
+            existing = out.get(field)
+            out[field] = {**(existing if isinstance(existing, dict) else {}), key: bound}
+        else:
+            value: Any = int(raw) if raw.lstrip("-").isdigit() else raw
+            if field == "source" and Path(raw).exists():
+                value = str(Path(raw).absolute())  # sources are stored as absolute paths
+            out[field] = value
+    return out or None
+
+
+def _store_location(args: argparse.Namespace) -> dict[str, Any]:
+    return {"url": args.url, "api_key": args.api_key, "collection": args.collection} if args.url else \
+        {"path": args.store, "collection": args.collection}
+
+
+def _recorded(args: argparse.Namespace):
+    from .store import recorded_schema
+
+    loc = _store_location(args)
+    return recorded_schema(loc.get("path"), url=loc.get("url"), api_key=loc.get("api_key"), collection=args.collection)
+
+
+def _open_existing_store(args: argparse.Namespace):
+    """The store as it is (no model loaded): for delete and info."""
+    from .store import open_store
+
+    schema = _recorded(args)
+    where = args.url or str(Path(args.store) / args.collection)
+    if schema is None:
+        raise CLIError(f"no UME index at {where} (create one with `ume index PATHS`)")
+    loc = _store_location(args)
+    return schema, open_store(schema, loc.get("path"), url=loc.get("url"), api_key=loc.get("api_key"),
+                              collection=args.collection)
+
+
+def _open_index(args: argparse.Namespace, vectors: Sequence[str] | None = None, must_exist: bool = False):
+    from .index import UMEIndex
+    from .inputs.loaders import LoaderConfig
+    from .model.encoder import UMEEncoder
+
+    schema = _recorded(args)
+    if must_exist and schema is None:
+        raise CLIError(f"no UME index at {args.url or Path(args.store) / args.collection} "
+                       "(create one with `ume index PATHS`)")
+    model = args.model or (schema.model if schema else DEFAULT_MODEL)
+    kwargs = {k: getattr(args, k) for k in ("device", "dtype", "batch_size", "max_new_tokens")
+              if getattr(args, k, None) is not None}
+    logger.info("loading %s", model)
+    encoder = UMEEncoder.from_pretrained(model, **kwargs)
+    loader = None
+    if getattr(args, "pdf_dpi", None) is not None:
+        loader = LoaderConfig(pdf_dpi=args.pdf_dpi, text_chunk_chars=args.chunk_chars,
+                              video_clip_seconds=args.clip_seconds)
+    loc = _store_location(args)
+    return UMEIndex(encoder, loc.get("path"), url=loc.get("url"), api_key=loc.get("api_key"),
+                    collection=args.collection, vectors=vectors or ("disc", "gen"), loader=loader)
+
+
+def cmd_index(args: argparse.Namespace, console: Any) -> int:
+    vectors = tuple(v.strip() for v in args.vectors.split(",") if v.strip())
+    if not vectors or not set(vectors) <= {"disc", "gen"}:
+        raise CLIError(f"--vectors {args.vectors!r}: use disc, gen or disc,gen")
+    with _open_index(args, vectors) as index:
+        report = index.add(args.paths, show_progress=not args.json)
+        total = index.count()
+    if args.json:
+        print(json.dumps({"entries": [e.__dict__ for e in report.entries], "stale_removed": report.deleted_stale,
+                          "seconds": report.seconds, "points": total}, indent=2))
+        return 1 if report.failed else 0
+    from rich.table import Table
+
+    summary = Table(title=f"Indexed into {index.store.location}")
+    for col in ("indexed", "unchanged", "failed", "stale removed", "points in index", "seconds"):
+        summary.add_column(col, justify="right")
+    summary.add_row(str(len(report.indexed)), str(len(report.unchanged)), str(len(report.failed)),
+                    str(report.deleted_stale), str(total), f"{report.seconds:.1f}")
+    console.print(summary)
+    if report.failed:
+        failures = Table(title="Failed", title_style="bold red")
+        failures.add_column("source")
+        failures.add_column("where")
+        failures.add_column("reason", overflow="fold")
+        for e in report.failed:
+            failures.add_row(e.source, e.locator, e.reason or "")
+        console.print(failures)
+    return 1 if report.failed else 0
+
+
+def cmd_search(args: argparse.Namespace, console: Any) -> int:
+    from .fusion import Fusion
+    from .retriever import build_query
+
+    if args.query is None and args.image is None:
+        raise CLIError("give a query text, --image FILE, or both")
+    if args.image is not None and not Path(args.image).is_file():
+        raise CLIError(f"--image {args.image}: no such file")
+    if args.k < 1:
+        raise CLIError(f"--k must be >= 1, got {args.k}")
+    fusion = Fusion.parse(args.fusion)
+    flt = parse_filters(args.filter)
+    query = build_query(args.query, Path(args.image) if args.image else None)
+    with _open_index(args, must_exist=True) as index:
+        hits = index.search(query, args.k, fusion=fusion, filter=flt, gen_samples=args.gen_samples,
+                            instruction=args.instruction)
+    if args.json:
+        print(json.dumps([{"rank": i + 1, "id": h.id, "score": h.score, "disc_score": h.disc_score,
+                           "gen_score": h.gen_score, "source": h.source, "page": h.page,
+                           "modality": h.payload.get("modality"), "locator": h.payload.get("locator"),
+                           "reasoning": h.reasoning} for i, h in enumerate(hits)], indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(hits)} hits, fusion {fusion}")
+    for col, just in (("#", "right"), ("source", "left"), ("page", "right"), ("fused", "right"),
+                      ("disc", "right"), ("gen", "right"), ("reasoning", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for i, h in enumerate(hits):
+        table.add_row(str(i + 1), _short_source(h), str(h.page or ""), fmt(h.score), fmt(h.disc_score),
+                      fmt(h.gen_score), first_words(h.reasoning))
+    console.print(table)
+    return 0
+
+
+def _short_source(hit: Any) -> str:
+    source = hit.source or hit.id
+    try:
+        return str(Path(source).relative_to(Path.cwd()))
+    except ValueError:
+        return source
+
+
+def first_words(reasoning: str | None, n: int = 16) -> str:
+    """The reasoning's first ``n`` words, without the special-token markup."""
+    if not reasoning:
+        return ""
+    text = reasoning
+    for tag in ("<think>", "</think>", "<answer>", "</answer>", "<gen_emb>"):
+        text = text.replace(tag, " ")
+    words = text.split()
+    return " ".join(words[:n]) + (" ..." if len(words) > n else "")
+
+
+def cmd_delete(args: argparse.Namespace, console: Any) -> int:
+    from .index import source_keys
+
+    _, store = _open_existing_store(args)
+    try:
+        missing = []
+        for source in args.sources:
+            keys = source_keys(source)  # a path as given (stored absolute) or an item source
+            n = store.count({"source": keys, "kind": "item"})
+            if n == 0 and store.count({"source": keys}) == 0:
+                missing.append(source)
+                continue
+            store.delete_where({"source": keys})
+            console.print(f"deleted {source}: {n} item(s)")
+    finally:
+        store.close()
+    if missing:
+        raise CLIError(f"not in the index: {', '.join(missing)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, console: Any) -> int:
+    schema, store = _open_existing_store(args)
+    try:
+        modalities: Counter = Counter()
+        sources: set[str] = set()
+        for _, payload in store.scroll({"kind": "item"}, ["modality", "source"]):
+            modalities[payload.get("modality", "?")] += 1
+            sources.add(payload.get("source", "?"))
+        info = {"location": store.location, "collection": args.collection, "model": schema.model,
+                "revision": schema.revision, "vector_size": schema.vector_size, "distance": schema.distance,
+                "items": sum(modalities.values()), "sources": len(sources), "by_modality": dict(modalities)}
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="UME index", show_header=False)
+    for key in ("location", "collection", "model", "revision", "vector_size", "distance", "items", "sources"):
+        table.add_row(key, str(info[key]))
+    for modality, n in sorted(modalities.items()):
+        table.add_row(f"  {modality}", str(n))
+    console.print(table)
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search, "delete": cmd_delete, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    try:
+        return COMMANDS[args.command](args, console)
+    except KeyboardInterrupt:
+        print("ume: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line, the traceback only on request
+        if args.verbose:
+            raise
+        print(f"ume {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

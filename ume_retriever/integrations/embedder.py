@@ -1,0 +1,45 @@
+"""Encoder loading and "one vector per input, as python floats" for the framework embeddings."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Sequence
+
+from ..errors import BatchEncodeError
+
+_LOADED: dict[tuple, Any] = {}
+_LOADING = threading.Lock()
+
+
+def shared_encoder(model: Any, encoder_kwargs: dict[str, Any] | None = None) -> Any:
+    """An ``UMEEncoder`` for ``model`` (a hub name, a folder, or an encoder, returned as is).
+
+    Loaded checkpoints are shared within the process: frameworks build embedding objects
+    freely (a LangChain chain, a LlamaIndex ``Settings`` copy) and each must not load 2B
+    weights again.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    kwargs = dict(encoder_kwargs or {})
+    key = (os.fspath(model), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    with _LOADING:
+        if key not in _LOADED:
+            from ..model.encoder import UMEEncoder
+
+            _LOADED[key] = UMEEncoder.from_pretrained(model, **kwargs)
+        return _LOADED[key]
+
+
+def embed_as_floats(encoder: Any, inputs: Sequence[Any], mode: str, batch_size: int | None) -> list[list[float]]:
+    """One python-float vector per input (disc or gen), in order. If any input fails, all are
+    still encoded and ``BatchEncodeError`` lists the failures (with every result attached)."""
+    if mode not in ("disc", "gen"):
+        raise ValueError(f"mode must be 'disc' or 'gen', got {mode!r}")
+    if not inputs:
+        return []
+    results = encoder.encode(list(inputs), mode=mode, batch_size=batch_size, output="list")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        raise BatchEncodeError(results, failed)
+    return [list(map(float, r.disc if mode == "disc" else r.gen)) for r in results]

@@ -1,0 +1,135 @@
+"""``UMERetriever``: the one object a RAG app builds.
+
+It owns an encoder and a two-vector index, adds files and items, retrieves with fusion, and
+hands out the LangChain or LlamaIndex retriever over the same index (switching framework is
+one call; nothing is re-encoded).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from .fusion import Fusion
+from .index import Hit, IngestReport, UMEIndex
+from .inputs.item import Item, as_item
+from .store import DISC, GEN, FilterSpec
+
+if TYPE_CHECKING:
+    from .integrations.langchain import UMERetriever as LangChainRetriever
+    from .integrations.llama_index import UMERetriever as LlamaIndexRetriever
+
+
+def build_query(query: Any = None, image: Any = None) -> Item:
+    """A query ``Item`` from text (or any input ``as_item`` accepts) and/or an image.
+
+    ``image`` (a path, PIL image or bytes) joins the text as one multimodal query.
+    """
+    if image is None:
+        if query is None:
+            raise ValueError("a query needs text, an image, or both")
+        return as_item(query)
+    if query is None:
+        return Item(image=image)
+    item = as_item(query)
+    if item.image is not None or item.images:
+        raise ValueError("the query already holds an image: pass image= only with a text query")
+    return Item(**{**item.__dict__, "image": image})
+
+
+class UMERetriever:
+    """Disc + gen retrieval over files and items, for RAG apps.
+
+    >>> r = UMERetriever.from_pretrained("zhibinlan/UME-R1-2B", store="./ume-index")
+    >>> r.add(["reports/", "slides.pdf", "diagram.png"])
+    >>> for hit in r.retrieve("revenue by region in 2023", k=5):
+    ...     print(hit.source, hit.page, hit.score, hit.reasoning)
+    """
+
+    def __init__(self, index: UMEIndex, *, k: int = 10, fusion: Fusion | str | None = None,
+                 filter: FilterSpec | None = None, gen_samples: int = 1):  # noqa: A002
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.index = index
+        self.k = k
+        self.fusion = Fusion.parse(fusion or index.default_fusion)
+        self.filter = filter
+        self.gen_samples = gen_samples
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        store: str | os.PathLike | None = None,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        collection: str = "ume",
+        vectors: Sequence[str] = (DISC, GEN),
+        k: int = 10,
+        fusion: Fusion | str = "rrf",
+        encoder_kwargs: dict[str, Any] | None = None,
+        **index_kwargs: Any,
+    ) -> "UMERetriever":
+        """Load a UME-R1 checkpoint (hub name or folder) and open its index: the embedded store
+        at ``store`` (default ``./ume-index``) or a Qdrant server/cluster at ``url``.
+        ``encoder_kwargs`` go to ``UMEEncoder.from_pretrained`` (device, dtype, backend, ...)."""
+        from .model.encoder import UMEEncoder
+
+        encoder = UMEEncoder.from_pretrained(model, **(encoder_kwargs or {}))
+        index = UMEIndex(encoder, store if url is None else None, url=url, api_key=api_key, collection=collection,
+                         vectors=vectors, default_fusion=fusion, **index_kwargs)
+        return cls(index, k=k, fusion=fusion)
+
+    @property
+    def encoder(self) -> Any:
+        return self.index.encoder
+
+    def add(self, inputs: Iterable[Any] | str | os.PathLike, *, show_progress: bool = False) -> IngestReport:
+        """Index files, folders and items (see ``UMEIndex.add``); unchanged content is skipped."""
+        return self.index.add(inputs, show_progress=show_progress)
+
+    def delete(self, source: str | os.PathLike) -> int:
+        """Remove a source's points; returns how many items it had."""
+        return self.index.delete(source)
+
+    def retrieve(
+        self,
+        query: Any = None,
+        k: int | None = None,
+        *,
+        image: Any = None,
+        fusion: Fusion | str | None = None,
+        filter: FilterSpec | None = None,  # noqa: A002
+        **search_kwargs: Any,
+    ) -> list[Hit]:
+        """The best ``k`` hits for a text, image or mixed query (defaults from the constructor).
+        Other keywords go to ``UMEIndex.search`` (gen_samples, instruction, temperature, seed)."""
+        search_kwargs.setdefault("gen_samples", self.gen_samples)
+        return self.index.search(build_query(query, image), k or self.k, fusion=fusion or self.fusion,
+                                 filter=filter if filter is not None else self.filter, **search_kwargs)
+
+    def as_langchain(self, **kwargs: Any) -> "LangChainRetriever":
+        """A LangChain ``BaseRetriever`` over this index (``langchain`` extra)."""
+        from .integrations.langchain import UMERetriever as LangChainRetriever
+
+        kwargs = {"k": self.k, "fusion": self.fusion,
+                  "filter": self.filter, "gen_samples": self.gen_samples, **kwargs}
+        return LangChainRetriever(index=self.index, **kwargs)
+
+    def as_llama_index(self, **kwargs: Any) -> "LlamaIndexRetriever":
+        """A LlamaIndex ``BaseRetriever`` over this index (``llama-index`` extra)."""
+        from .integrations.llama_index import UMERetriever as LlamaIndexRetriever
+
+        kwargs = {"similarity_top_k": self.k, "fusion": self.fusion, "filter": self.filter,
+                  "gen_samples": self.gen_samples, **kwargs}
+        return LlamaIndexRetriever(index=self.index, **kwargs)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "UMERetriever":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
