@@ -26,10 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec  # noqa: E402
 from ume_train import SFTConfig, SFTTrainer  # noqa: E402
+from ume_train.callbacks import TimeBudget  # noqa: E402
 from ume_train.data.records import read_records  # noqa: E402
 from ume_train.data.synthetic import make_dataset  # noqa: E402
 from ume_train.evaluation import retrieval_hit_at_1  # noqa: E402
@@ -37,41 +37,23 @@ from ume_train.evaluation import retrieval_hit_at_1  # noqa: E402
 logger = logging.getLogger("sft_learning")
 
 
-class TimedEvaluation(TrainerCallback):
-    """Evaluate every ``every_s`` seconds of TRAINING time; stop at ``budget_s``.
-
-    The learning rate follows a cosine over training TIME (3% warmup), not over a step count
-    guessed in advance: on a noisy machine the run then always ends its schedule on budget.
-    """
+class TimedEvaluation(TimeBudget):
+    """``TimeBudget`` (cosine over training TIME, stop on budget) plus an evaluation every
+    ``every_s`` seconds of training time and at the end (evaluations are not counted)."""
 
     def __init__(self, trainer_ref: list, records, every_s: float, budget_s: float, peak_lr: float,
-                 modes: tuple[str, ...] = ("disc", "gen"), warmup: float = 0.03):
-        self.trainer_ref, self.records, self.every_s, self.budget_s = trainer_ref, records, every_s, budget_s
-        self.peak_lr, self.modes, self.warmup = peak_lr, modes, warmup
-        self.train_s = 0.0
+                 modes: tuple[str, ...] = ("disc", "gen"), warmup: float = 0.03, stop_s: float | None = None):
+        super().__init__(budget_s / 60, peak_lr, warmup=warmup, stop_after=stop_s / 60 if stop_s else None)
+        self.trainer_ref, self.records, self.every_s, self.modes = trainer_ref, records, every_s, modes
         self.eval_s = 0.0
         self.curve: list[dict] = []
-        self._t = None
         self._next = every_s
 
-    def on_step_begin(self, args, state, control, optimizer=None, **kw):
-        import math
-
-        progress = min(self.train_s / self.budget_s, 1.0)
-        warm = max(self.warmup, 1e-9)
-        factor = progress / warm if progress < warm else 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
-        for group in optimizer.param_groups:
-            group["lr"] = self.peak_lr * factor
-        self._t = time.perf_counter()
-
     def on_step_end(self, args, state, control, **kw):
-        self.train_s += time.perf_counter() - self._t
-        last = self.train_s >= self.budget_s or state.global_step >= state.max_steps
-        if self.train_s >= self._next or last:
+        super().on_step_end(args, state, control, **kw)
+        if self.train_s >= self._next or self.done or state.global_step >= state.max_steps:
             self.evaluate(state.global_step)
             self._next += self.every_s
-        if self.train_s >= self.budget_s:
-            control.should_training_stop = True
 
     def evaluate(self, step: int) -> None:
         trainer = self.trainer_ref[0]
@@ -104,6 +86,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="benchmarks/results/sft_learning")
     ap.add_argument("--keep", help="save the final checkpoint here")
+    ap.add_argument("--stop-after", type=float,
+                    help="stop after this many training minutes, mid-schedule (an early checkpoint for GRPO)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("transformers", "ume_train.sft", "ume_train.data.synthetic"):
@@ -132,7 +116,8 @@ def main() -> None:
             )
 
         trainer_ref: list = []
-        timer = TimedEvaluation(trainer_ref, evals, args.eval_every * 60, args.minutes * 60, args.lr)
+        timer = TimedEvaluation(trainer_ref, evals, args.eval_every * 60, args.minutes * 60, args.lr,
+                                stop_s=args.stop_after * 60 if args.stop_after else None)
         trainer = SFTTrainer(args=config("run"), train_dataset=train, callbacks=[timer])
         dataset = trainer.train_dataset
         t0 = time.perf_counter()

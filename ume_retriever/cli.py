@@ -151,6 +151,10 @@ def _open_index(args: argparse.Namespace, vectors: Sequence[str] | None = None, 
     kwargs = {k: getattr(args, k) for k in ("device", "dtype", "batch_size", "max_new_tokens")
               if getattr(args, k, None) is not None}
     logger.info("loading %s", model)
+    if not args.verbose:  # our own bar and tables only
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     encoder = UMEEncoder.from_pretrained(model, **kwargs)
     loader = None
     if getattr(args, "pdf_dpi", None) is not None:

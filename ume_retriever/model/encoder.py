@@ -113,6 +113,8 @@ class UMEEncoder:
         from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
 
         source = os.fspath(name_or_path)
+        if os.path.isdir(source):  # indexes record the model: a local folder by its absolute path
+            source = os.path.abspath(source)
         if backend == "vllm":
             from .vllm_backend import VLLMBackend
 

@@ -161,18 +161,25 @@ def write_mp4(frames: list[Image.Image], path: Path, fps: int = 8) -> None:
 
 def write_pdf_page(scene: Scene, path: Path, size: int, rng: random.Random, number: int) -> None:
     """A one-page PDF: a heading line of text above the scene's drawing."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    add_pdf_page(doc, scene, size, rng, number)
+    doc.save(str(path))
+    doc.close()
+
+
+def add_pdf_page(doc: Any, scene: Scene, size: int, rng: random.Random, number: int, heading: str | None = None) -> None:
+    """Append a page to a pymupdf document: a heading (default "Figure N") above the scene's drawing."""
     import io
 
     import pymupdf
 
-    doc = pymupdf.open()
     page = doc.new_page(width=300, height=340)
-    page.insert_text((20, 28), f"Figure {number}", fontsize=16)
+    page.insert_text((20, 28), heading or f"Figure {number}", fontsize=16)
     buf = io.BytesIO()
     draw_scene(scene, size, rng).save(buf, format="PNG")
     page.insert_image(pymupdf.Rect(20, 40, 280, 300), stream=buf.getvalue())
-    doc.save(str(path))
-    doc.close()
 
 
 # -- datasets -------------------------------------------------------------------------------
