@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--train-minutes", type=float, default=8.0, help="training budget of the demo model")
     ap.add_argument("--retrain", action="store_true", help="train the demo model again")
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, help="cap on the reasoning length (default: the encoder's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "ume_train.sft", "ume_train.data.synthetic", "httpx"):
@@ -116,7 +117,8 @@ def main() -> int:
         model = str(demo_model(minutes=args.train_minutes, retrain=args.retrain))
     logger.info("model %s", model)
 
-    with UMERetriever.from_pretrained(model, store=root / "index", k=args.k) as retriever:
+    encoder_kwargs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    with UMERetriever.from_pretrained(model, store=root / "index", k=args.k, encoder_kwargs=encoder_kwargs) as retriever:
         report = retriever.add(corpus, show_progress=True)
         logger.info("index: %s", report.summary())
         rows, found = [], 0

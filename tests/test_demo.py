@@ -62,7 +62,7 @@ def test_demo_model_trains_saves_and_is_cached(tmp_path):
 def test_demo_script_runs_and_reports_truthfully(tmp_path, tiny_ckpt):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--model", str(tiny_ckpt),
-                          "--workdir", str(tmp_path / "w")], capture_output=True, text=True, env=env, timeout=600)
+                          "--workdir", str(tmp_path / "w"), "--max-new-tokens", "12"], capture_output=True, text=True, env=env, timeout=600)
     out = run.stdout
     assert (tmp_path / "w" / "results.png").is_file(), run.stderr[-2000:]
     found = int(re.search(r"(\d+)/6 queries found", out).group(1))
@@ -81,10 +81,11 @@ def test_notebook_runs_top_to_bottom(tmp_path, tiny_ckpt):
     nb = nbformat.read(ROOT / "examples" / "multimodal_document_search.ipynb", as_version=4)
     os.environ["UME_MODEL"] = str(tiny_ckpt)
     os.environ["UME_NOTEBOOK_DIR"] = str(tmp_path / "nb")
+    os.environ["UME_MAX_NEW_TOKENS"] = "12"  # the random model never stops on its own
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
-        del os.environ["UME_MODEL"], os.environ["UME_NOTEBOOK_DIR"]
+        del os.environ["UME_MODEL"], os.environ["UME_NOTEBOOK_DIR"], os.environ["UME_MAX_NEW_TOKENS"]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
