@@ -230,6 +230,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "preset": args.preset, "device": device_name, "median_seconds": med, "peak_extra_bytes": mem,
         "ratios": {name: ratio for name, ratio, _ in rows},
+        "rows": [[name, ratio, target] for name, ratio, target in rows],  # read by run_all.py
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }, indent=2))
 

@@ -228,6 +228,7 @@ def main() -> None:
         s = out["store"]
         print(f"\n{s['points']:,} points x ({s['dim']} + {s['dim']}) dims: Edge upsert {s['edge_upsert_s']:.1f} s, "
               f"optimize {s['edge_optimize_s']:.1f} s; local-mode upsert {s['local_upsert_s']:.1f} s")
+    out["rows"] = [[name, value, target] for name, value, target in rows]  # read by run_all.py
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

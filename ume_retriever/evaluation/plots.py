@@ -1,0 +1,75 @@
+"""PNG figures of an evaluation: Hit@1 per task and mode, pass@k curves, the fusion weight sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .runner import TaskResult
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_modes(results: Sequence[TaskResult], path: Path, metric: str = "hit@1") -> Path:
+    plt = _plt()
+    modes = list(results[0].modes)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(results) * len(modes) / 3), 4))
+    width = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        xs = [i + j * width for i in range(len(results))]
+        ax.bar(xs, [r.modes[mode][metric] for r in results], width, label=mode)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))], [r.task for r in results])
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title(f"{metric} per task and mode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pass_at_k(results: Sequence[TaskResult], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in results:
+        ks = sorted(r.pass_at_k)
+        ax.plot(ks, [r.pass_at_k[k] for k in ks], "o-", label=r.task)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (sampled reasoning chains)")
+    ax.set_ylabel("pass@k (gen, Hit@1)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(results: Sequence[TaskResult], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in results:
+        if not r.sweep:
+            continue
+        ws = [c["disc_weight"] for c in r.sweep["curve"]]
+        ax.plot(ws, [c["dev"]["hit@1"] for c in r.sweep["curve"]], "--", label=f"{r.task} dev")
+        ax.plot(ws, [c["test"]["hit@1"] for c in r.sweep["curve"]], "-", label=f"{r.task} test")
+        ax.axvline(r.sweep["best_disc_weight"], color="gray", lw=0.6)
+    ax.set_xlabel("disc weight (gen weight = 1 - disc weight)")
+    ax.set_ylabel("Hit@1 (weighted fusion)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
