@@ -100,6 +100,7 @@ def main() -> int:
     for noisy in ("transformers", "ume_train.sft", "ume_train.data.synthetic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -128,17 +129,17 @@ def main() -> int:
             right = bool(hits) and is_expected(hits[0], query, corpus)
             found += right
             rows.append((query, hits, right))
-            table = Table(title=f"{'OK ' if right else 'MISS'} {query.describe()!r}  (expects {query.expected[0]}"
-                                f"{' page ' + str(query.expected[1]) if query.expected[1] else ''}; top-1 by disc "
-                                f"{'right' if top1['disc'] else 'wrong'}, by gen {'right' if top1['gen'] else 'wrong'})",
-                          title_justify="left")
+            expects = query.expected[0] + (f" page {query.expected[1]}" if query.expected[1] else "")
+            title = (f"{'OK ' if right else 'MISS'} {query.describe()!r}  (expects {expects}; top-1 by disc "
+                     f"{'right' if top1['disc'] else 'wrong'}, by gen {'right' if top1['gen'] else 'wrong'})")
+            table = Table(title=escape(title), title_justify="left")
             for col in ("#", "item", "fused", "disc", "gen", "reasoning (gen)"):
                 table.add_column(col, overflow="fold")
             for rank, hit in enumerate(hits, start=1):
                 where = str(Path(hit.source).relative_to(corpus)) + (f" p{hit.page}" if hit.page else "")
                 mark = " <-" if is_expected(hit, query, corpus) else ""
-                table.add_row(str(rank), where + mark, f"{hit.score:.3f}", f"{hit.disc_score:.3f}",
-                              f"{hit.gen_score:.3f}", first_words(hit.reasoning, 14))
+                table.add_row(escape(str(rank)), escape(where + mark), f"{hit.score:.3f}", f"{hit.disc_score:.3f}",
+                              f"{hit.gen_score:.3f}", escape(first_words(hit.reasoning, 14)))
             console.print(table)
     picture = root / "results.png"
     draw_results(rows, corpus, root, picture)

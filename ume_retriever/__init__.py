@@ -27,12 +27,14 @@ _LAZY = {
     "Hit": ".index",
     "IngestReport": ".index",
     "Fusion": ".fusion",
+    "UMERetriever": ".retriever",
 }
 
 if TYPE_CHECKING:
     from .model.encoder import UMEEncoder
     from .model.tiny import build_tiny_checkpoint
     from .fusion import Fusion
+    from .retriever import UMERetriever
     from .index import Hit, IngestReport, UMEIndex
     from .results import EncodeResult, GenOutcome, GenSample
 

@@ -176,9 +176,10 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
         print(json.dumps({"entries": [e.__dict__ for e in report.entries], "stale_removed": report.deleted_stale,
                           "seconds": report.seconds, "points": total}, indent=2))
         return 1 if report.failed else 0
+    from rich.markup import escape
     from rich.table import Table
 
-    summary = Table(title=f"Indexed into {index.store.location}")
+    summary = Table(title=escape(f"Indexed into {index.store.location}"))
     for col in ("indexed", "unchanged", "failed", "stale removed", "points in index", "seconds"):
         summary.add_column(col, justify="right")
     summary.add_row(str(len(report.indexed)), str(len(report.unchanged)), str(len(report.failed)),
@@ -190,7 +191,7 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
         failures.add_column("where")
         failures.add_column("reason", overflow="fold")
         for e in report.failed:
-            failures.add_row(e.source, e.locator, e.reason or "")
+            failures.add_row(escape(e.source), escape(e.locator), escape(e.reason or ""))
         console.print(failures)
     return 1 if report.failed else 0
 
@@ -217,6 +218,7 @@ def cmd_search(args: argparse.Namespace, console: Any) -> int:
                            "modality": h.payload.get("modality"), "locator": h.payload.get("locator"),
                            "reasoning": h.reasoning} for i, h in enumerate(hits)], indent=2))
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{len(hits)} hits, fusion {fusion}")
@@ -225,8 +227,8 @@ def cmd_search(args: argparse.Namespace, console: Any) -> int:
         table.add_column(col, justify=just, overflow="fold")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for i, h in enumerate(hits):
-        table.add_row(str(i + 1), _short_source(h), str(h.page or ""), fmt(h.score), fmt(h.disc_score),
-                      fmt(h.gen_score), first_words(h.reasoning))
+        table.add_row(str(i + 1), escape(_short_source(h)), str(h.page or ""), fmt(h.score), fmt(h.disc_score),
+                      fmt(h.gen_score), escape(first_words(h.reasoning)))
     console.print(table)
     return 0
 
@@ -263,7 +265,7 @@ def cmd_delete(args: argparse.Namespace, console: Any) -> int:
                 missing.append(source)
                 continue
             store.delete_where({"source": keys})
-            console.print(f"deleted {source}: {n} item(s)")
+            console.print(f"deleted {source}: {n} item(s)", markup=False)
     finally:
         store.close()
     if missing:
@@ -287,11 +289,12 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="UME index", show_header=False)
     for key in ("location", "collection", "model", "revision", "vector_size", "distance", "items", "sources"):
-        table.add_row(key, str(info[key]))
+        table.add_row(key, escape(str(info[key])))
     for modality, n in sorted(modalities.items()):
         table.add_row(f"  {modality}", str(n))
     console.print(table)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 logger = logging.getLogger(__name__)
 
 VERSION = "v1"  # bump when the recipe changes: a cached model of another recipe is not reused
@@ -49,6 +51,7 @@ def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int 
     never leaves a half model where the cache looks for one.
     """
     import torch
+    from transformers import PrinterCallback
 
     from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
 
@@ -75,7 +78,8 @@ def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int 
             seed=seed, dataloader_num_workers=0, disable_tqdm=True,
         )
         budget = TimeBudget(minutes, lr)
-        trainer = SFTTrainer(args=config, train_dataset=records, callbacks=[budget])
+        trainer = SFTTrainer(args=config, train_dataset=records, callbacks=[budget, _Progress(budget)])
+        trainer.remove_callback(PrinterCallback)  # one readable line per log instead of raw dicts
         logger.info("training the demo model for %.1f minutes on %d pairs (%s)", minutes, len(records),
                     ", ".join(MODALITIES))
         trainer.train()
@@ -90,3 +94,16 @@ def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int 
         os.replace(final, out)
     logger.info("demo model saved to %s (%d steps)", out, trainer.state.global_step)
     return out
+
+
+
+class _Progress(TrainerCallback):
+    """A readable progress line per trainer log (the demo's output is for people)."""
+
+    def __init__(self, budget):
+        self.budget = budget
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            logger.info("demo model: step %d, %.1f of %.1f min, loss %.3f", state.global_step,
+                        self.budget.train_s / 60, self.budget.budget_s / 60, logs["loss"])

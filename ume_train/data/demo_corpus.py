@@ -2,8 +2,9 @@
 each with the item it must find.
 
 Every scene is a combination the demo model saw in training (fresh renders, not training
-files); the text notes describe other scenes and act as distractors. Files are written
-deterministically (same bytes on every run, so a re-run finds the index up to date).
+files); the text notes describe other scenes and act as distractors. Files that already exist
+are left as they are, so a re-run finds its index up to date (images and the PDF come out
+byte-identical anyway; libx264 does not always).
 """
 
 from __future__ import annotations
@@ -60,19 +61,27 @@ def write_demo_corpus(root: str | Path, seed: int = 1) -> Path:
     for sub in ("images", "videos"):
         (corpus / sub).mkdir(parents=True, exist_ok=True)
     (root / "query").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # drawn in a fixed order: every file's content is fixed by the seed
     for name, scene in IMAGES.items():
-        draw_scene(scene, IMAGE_SIZE, rng).save(corpus / "images" / name)
+        image = draw_scene(scene, IMAGE_SIZE, rng)
+        _keep_or_write(corpus / "images" / name, image.save)
     doc = pymupdf.open()
     for number, scene in enumerate(PAGES, start=1):
         add_pdf_page(doc, scene, IMAGE_SIZE * 2, rng, number, heading=f"Report, figure {number}")
     doc.set_metadata({})  # no creation date: the same bytes on every run
-    doc.save(str(corpus / "report.pdf"), no_new_id=True)
+    _keep_or_write(corpus / "report.pdf", lambda p: doc.save(str(p), no_new_id=True))
     doc.close()
     for name, scene in VIDEOS.items():
-        write_mp4(video_frames(scene, IMAGE_SIZE, rng, 8), corpus / "videos" / name)
+        frames = video_frames(scene, IMAGE_SIZE, rng, 8)
+        _keep_or_write(corpus / "videos" / name, lambda p: write_mp4(frames, p))
     for name, text in NOTES.items():
-        (corpus / name).write_text(text + "\n")
+        _keep_or_write(corpus / name, lambda p: p.write_text(text + "\n"))
     # A new render of the purple cross (other jitter): the image query.
-    draw_scene(IMAGES["purple_cross.png"], IMAGE_SIZE, rng).save(root / "query" / "purple_cross_photo.png")
+    query = draw_scene(IMAGES["purple_cross.png"], IMAGE_SIZE, rng)
+    _keep_or_write(root / "query" / "purple_cross_photo.png", query.save)
     return corpus
+
+
+def _keep_or_write(path: Path, write) -> None:
+    if not path.is_file():
+        write(path)
