@@ -41,3 +41,10 @@ def encoder(tiny_ckpt):
 def mp4_path(tmp_path_factory) -> Path:
     """A real 20-frame mp4 whose frame i has brightness 10*i (so sampling can be checked)."""
     return write_mp4(tmp_path_factory.mktemp("video") / "ramp.mp4", num_frames=20)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the slow tests (marked ``slow``) first. xdist hands out at most two tests at a
+    time (``--maxschedchunk 2`` in pyproject), so the slow ones spread over both workers and
+    overlap with the many short ones instead of finishing the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -56,6 +56,7 @@ def test_builder_is_deterministic_per_seed(tmp_path):
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_builder_cli_and_custom_size(tmp_path):
     out = tmp_path / "cli"
     subprocess.run(

@@ -62,6 +62,7 @@ def test_demo_model_trains_saves_and_is_cached(tmp_path):
     assert enc.encode("a red circle in the top left").disc.shape == (64,)
 
 
+@pytest.mark.slow
 def test_demo_script_runs_and_reports_truthfully(tmp_path, tiny_ckpt):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--model", str(tiny_ckpt),
@@ -77,6 +78,7 @@ def test_demo_script_runs_and_reports_truthfully(tmp_path, tiny_ckpt):
     assert Image.open(tmp_path / "w" / "results.png").size[1] > 500  # one row per query
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, tiny_ckpt):
     import nbformat
     from nbclient import NotebookClient

@@ -197,6 +197,7 @@ print("done", len(report.indexed), len(report.unchanged), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_ingest_then_resume(tiny_ckpt, tmp_path, encoder):
     """SIGKILL a real ingest at several points; each restart must converge to exactly the items."""
     corpus = tmp_path / "many"

@@ -3,7 +3,10 @@ above chance. A broken loss, a wrong read-out position or a lost gradient fails 
 
 from __future__ import annotations
 
+import pytest
 
+
+@pytest.mark.slow
 def test_short_sft_run_retrieves_far_above_chance(tmp_path):
     import torch
 

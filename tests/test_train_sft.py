@@ -107,6 +107,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_global_batch(shapes, tmp_path):
     """gloo, CPU, torchrun: 4 + 4 pairs on two ranks == 8 pairs on one (loss and gradients, 1e-5)."""
     sys.path.insert(0, str(WORKERS))
@@ -187,6 +188,7 @@ def test_lora_trains_adapters_and_saves_merged_weights(tiny_ckpt, shapes, tmp_pa
                                loaded.encode(["a blue square"], mode="disc")[0].disc, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_the_same_run(tiny_ckpt, shapes, tmp_path):
     """A run killed (SIGKILL) right after its step-2 checkpoint, resumed, ends where an
     uninterrupted run ends."""
