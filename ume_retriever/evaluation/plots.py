@@ -17,6 +17,17 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, path: Path, legend_columns: int = 1) -> Path:
+    """The finish every plot here shares: 0-1 scores, a light grid, legend, PNG, figure closed."""
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=legend_columns)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_modes(results: Sequence[TaskResult], path: Path, metric: str = "hit@1") -> Path:
     plt = _plt()
     modes = list(results[0].modes)
@@ -27,13 +38,8 @@ def plot_modes(results: Sequence[TaskResult], path: Path, metric: str = "hit@1")
         ax.bar(xs, [r.modes[mode][metric] for r in results], width, label=mode)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))], [r.task for r in results])
     ax.set_ylabel(metric)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=3)
     ax.set_title(f"{metric} per task and mode")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_columns=3)
 
 
 def plot_pass_at_k(results: Sequence[TaskResult], path: Path) -> Path:
@@ -45,13 +51,7 @@ def plot_pass_at_k(results: Sequence[TaskResult], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (sampled reasoning chains)")
     ax.set_ylabel("pass@k (gen, Hit@1)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_sweep(results: Sequence[TaskResult], path: Path) -> Path:
@@ -66,10 +66,4 @@ def plot_sweep(results: Sequence[TaskResult], path: Path) -> Path:
         ax.axvline(r.sweep["best_disc_weight"], color="gray", lw=0.6)
     ax.set_xlabel("disc weight (gen weight = 1 - disc weight)")
     ax.set_ylabel("Hit@1 (weighted fusion)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)

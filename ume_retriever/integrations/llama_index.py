@@ -100,8 +100,9 @@ class UMEEmbedding(MultiModalEmbedding):
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Ingestion transformation: image nodes by their image, the others by their text."""
-        images = [n for n in nodes if isinstance(n, ImageNode) and (n.image_path or n.image or n.image_url)]
-        others = [n for n in nodes if n not in images]
+        is_image = [isinstance(n, ImageNode) and bool(n.image_path or n.image or n.image_url) for n in nodes]
+        images = [n for n, flag in zip(nodes, is_image) if flag]
+        others = [n for n, flag in zip(nodes, is_image) if not flag]  # by position: node == compares every field
         if others:
             vectors = self.get_text_embedding_batch([n.get_content(metadata_mode=MetadataMode.EMBED) for n in others])
             for node, vector in zip(others, vectors):
