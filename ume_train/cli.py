@@ -4,6 +4,7 @@
     ume-train grpo --config examples/train/grpo_tiny_cpu.yaml [--dry-run]
     torchrun --nproc_per_node 8 -m ume_train.cli sft --config examples/train/sft_2b_zero3.yaml
     ume-train synthetic ./shapes --modalities image,video,pdf
+    ume-train rollout-server --model ./sft-ckpt --engine vllm --port 8000   # rollouts for GRPO
 
 Keys on the command line override the file's. ``--dry-run`` parses and validates the config,
 reads and checks every record (media present, reasoning present) and the DeepSpeed/FSDP files,
@@ -130,6 +131,27 @@ def run_training(kind: str, args: Any) -> dict[str, Any]:
     return summary
 
 
+def serve_rollouts(ns: argparse.Namespace) -> None:
+    from .rollout_server import RolloutServer, load_engine
+
+    options = {"device": ns.device, "dtype": ns.dtype, "gpu_memory_utilization": ns.gpu_memory_utilization,
+               "tensor_parallel_size": ns.tensor_parallel_size, "max_model_len": ns.max_model_len,
+               "enforce_eager": ns.enforce_eager}
+    if ns.engine == "transformers":
+        ignored = [k for k, v in options.items() if v is not None and k not in ("device", "dtype")]
+        if ignored:
+            raise ValueError(f"--engine transformers takes no {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+    engine, fingerprint = load_engine(ns.model, ns.engine, **options)
+    server = RolloutServer(engine, model=ns.model, fingerprint=fingerprint, host=ns.host, port=ns.port,
+                           engine_name=ns.engine)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("rollout server stopped")
+    finally:
+        server.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ume-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     grpo = sub.add_parser("grpo", help="reinforcement learning with the embedding reward (from an SFT checkpoint)")
     grpo.add_argument("--config", help="YAML file of GRPOConfig fields")
     grpo.add_argument("--dry-run", action="store_true", help="validate config and data, load no model")
+    srv = sub.add_parser("rollout-server", help="sample GRPO rollouts for trainers (rollout_backend=server)")
+    srv.add_argument("--model", required=True, help="the checkpoint the trainer starts from")
+    srv.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
+    srv.add_argument("--host", default="0.0.0.0")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    srv.add_argument("--device", default=None, help="transformers engine: cpu, cuda, cuda:1, ...")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=None, help="vllm engine")
+    srv.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm engine")
+    srv.add_argument("--max-model-len", type=int, default=None, help="vllm engine")
+    srv.add_argument("--enforce-eager", action="store_true", default=None, help="vllm engine: no CUDA graphs")
     syn = sub.add_parser("synthetic", help="write the synthetic shape-scene dataset")
     syn.add_argument("root")
     syn.add_argument("--modalities", default="image")
@@ -158,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             data = make_dataset(ns.root, modalities=tuple(ns.modalities.split(",")), image_size=ns.image_size,
                                 train_per_scene=ns.train_per_scene, seed=ns.seed)
             print(f"train: {data.train}\neval:  {data.eval}")
+            return 0
+        if ns.command == "rollout-server":
+            if rest:
+                parser.error(f"unknown arguments: {' '.join(rest)}")
+            serve_rollouts(ns)
             return 0
         import importlib.util
 

@@ -14,6 +14,8 @@ from transformers import TrainingArguments
 
 from .data.records import FORMATS
 
+ROLLOUT_BACKENDS = ("transformers", "vllm", "server")
+
 
 def _help(text: str, **kwargs) -> dict:
     return {"metadata": {"help": text}, **kwargs}
@@ -125,6 +127,16 @@ class GRPOConfig(TrainingArguments):
         "list[float | None]; None means no reward (counts 0)."))
     extra_reward_weights: list[float] = field(default_factory=list, **_help("One weight per extra reward (default 1)."))
     freeze_vision_tower: bool = field(default=False, **_help("Freeze the vision encoder (the paper trains it in RL)."))
+    rollout_backend: str = field(default="transformers", **_help(
+        "Who samples the rollouts: 'transformers' (generate on the policy itself), 'vllm' (a vLLM engine "
+        "in each training process, weights copied in each step; needs the vllm extra) or 'server' (a "
+        "`ume-train rollout-server` at rollout_server_url, weights sent each step)."))
+    rollout_server_url: str = field(default="http://127.0.0.1:8000", **_help("The rollout server (rollout_backend=server)."))
+    rollout_server_timeout: float = field(default=600.0, **_help("Seconds to wait for the rollout server to come up."))
+    vllm_gpu_memory_utilization: float = field(default=0.3, **_help(
+        "Share of the GPU the colocated vLLM engine may take (the rest is training's)."))
+    vllm_max_model_len: int | None = field(default=None, **_help("vLLM context length (default: the model's)."))
+    vllm_enforce_eager: bool = field(default=False, **_help("Run vLLM without CUDA graphs (less memory, slower)."))
     min_pixels: int | None = field(default=None, **_help("Image processor min pixels (default: the checkpoint's)."))
     max_pixels: int | None = field(default=None, **_help("Image processor max pixels (default: the checkpoint's)."))
     num_video_frames: int = field(default=8, **_help("Frames sampled uniformly per video."))
@@ -155,3 +167,5 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(f"model_dtype must be auto, float32 or bfloat16, got {self.model_dtype!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: GRPO batches are lists of records")
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")

@@ -137,12 +137,31 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
                          train_dataset=list(train_dataset), eval_dataset=eval_records, callbacks=callbacks)
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._synced_step: int | None = None  # the step whose weights the rollout generator holds
 
     @staticmethod
     def _default_rollouts(model: nn.Module, processor: Any, args: GRPOConfig) -> RolloutGenerator:
+        """The generator ``args.rollout_backend`` names."""
         token_ids = UMEEncoder(model, processor).token_ids
-        return TransformersRollouts(model, processor, token_ids, max_new_tokens=args.max_completion_length,
-                                    temperature=args.temperature, top_p=args.top_p)
+        sampling = dict(max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p)
+        if args.rollout_backend == "server":
+            from .rollout_client import ServerRollouts
+
+            server = ServerRollouts(args.rollout_server_url, connect_timeout=args.rollout_server_timeout, **sampling)
+            server.check_model(model.config)
+            return server
+        if args.rollout_backend == "vllm":
+            from .vllm_rollouts import VLLMRollouts
+
+            if not args.model_name_or_path:
+                raise ValueError("rollout_backend='vllm' builds its engine from model_name_or_path: set it")
+            return VLLMRollouts(
+                args.model_name_or_path, processor.tokenizer, token_ids, colocate=True,
+                repetition_penalty=getattr(model.generation_config, "repetition_penalty", None) or 1.0,
+                gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=str(model.dtype).removeprefix("torch."),
+                max_model_len=args.vllm_max_model_len, enforce_eager=args.vllm_enforce_eager,
+                seed=args.seed + args.process_index, **sampling)
+        return TransformersRollouts(model, processor, token_ids, **sampling)
 
     @staticmethod
     def _read(files: list[str], args: GRPOConfig) -> list[PairRecord]:
@@ -267,6 +286,9 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         records: list[PairRecord] = inputs["records"]
+        if self._synced_step != self.state.global_step:  # once per optimiser step: rollouts are on-policy
+            self.rollouts.sync_weights(self.trained_model)
+            self._synced_step = self.state.global_step
         batches = {side: self._rollout_side(records, side) for side in SIDES}
         out = model(query=batches["query"], target=batches["target"])
         states = {side: out[f"{side}_states"] for side in SIDES}

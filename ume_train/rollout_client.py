@@ -1,0 +1,104 @@
+"""``ServerRollouts``: GRPO rollouts from a ``ume-train rollout-server`` (see ``rollout_server``).
+
+Every training process posts its own prompts; the server answers them one request at a time.
+``sync_weights`` streams the policy's full weights in safetensors chunks: all processes take
+part in gathering sharded parameters, process 0 alone sends, and everyone waits until the
+server has them, so no process samples from stale weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from torch import nn
+
+from ume_retriever.model.preprocess import PreparedInput
+
+from .rollout_wire import SamplingRequest, config_fingerprint, decode_rollouts, encode_generate_request
+from .rollouts import Rollout
+from .weight_sync import DEFAULT_CHUNK_BYTES, named_full_weights, to_bytes, weight_chunks
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutServerError(RuntimeError):
+    """The rollout server refused a request or could not be reached."""
+
+
+class ServerRollouts:
+    def __init__(self, url: str, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 connect_timeout: float = 600.0, request_timeout: float = 3600.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        """Waits up to ``connect_timeout`` seconds for the server to come up (it may still be loading)."""
+        self.url = url.rstrip("/")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.request_timeout = request_timeout
+        self.chunk_bytes = chunk_bytes
+        self.info = self._wait_for_server(connect_timeout)
+
+    def _wait_for_server(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._request("GET", "/health", timeout=10)
+            except RolloutServerError as exc:
+                if time.monotonic() >= deadline:
+                    raise RolloutServerError(f"no rollout server at {self.url} after {timeout:.0f} s "
+                                             f"(start one with `ume-train rollout-server --model ...`): {exc}") from None
+                logger.info("waiting for the rollout server at %s", self.url)
+                time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+    def _request(self, method: str, path: str, body: bytes | None = None, timeout: float | None = None) -> dict:
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.request_timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read()).get("error", exc.reason)
+            except ValueError:
+                reason = exc.reason
+            raise RolloutServerError(f"rollout server {self.url}{path}: {exc.code} {reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RolloutServerError(f"rollout server {self.url}{path}: {exc}") from None
+
+    def check_model(self, config: Any) -> None:
+        """Refuse to train against a server that holds a different model."""
+        ours, theirs = config_fingerprint(config), self.info.get("fingerprint")
+        if ours != theirs:
+            raise ValueError(f"the rollout server at {self.url} serves {self.info.get('model')} whose config "
+                             f"{theirs} differs from the policy's {ours}")
+
+    def generate(self, prompts: list[PreparedInput], num_generations: int, seeds: list[int]) -> list[list[Rollout]]:
+        sampling = SamplingRequest(num_generations=num_generations, seeds=list(seeds),
+                                   max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+        reply = self._request("POST", "/generate", encode_generate_request(prompts, sampling))
+        rollouts = decode_rollouts(reply)
+        if len(rollouts) != len(prompts) or any(len(g) != num_generations for g in rollouts):
+            raise RolloutServerError(f"rollout server returned {[len(g) for g in rollouts]} rollouts for "
+                                     f"{len(prompts)} prompts x {num_generations}")
+        return rollouts
+
+    def sync_weights(self, model: nn.Module) -> None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        sender = not distributed or dist.get_rank() == 0
+        sent = 0
+        for chunk in weight_chunks(named_full_weights(model), self.chunk_bytes):
+            if sender:
+                self._request("POST", "/update_weights", to_bytes(chunk))
+                sent += len(chunk)
+        if sender:
+            self._request("POST", "/finish_weight_update", b"")
+            logger.debug("sent %d tensors to %s", sent, self.url)
+        if distributed:
+            dist.barrier()
