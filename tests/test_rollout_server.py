@@ -42,11 +42,11 @@ def _prompts(encoder, mp4_path, tmp_path):
     return [encoder.preparer.prepare(i) for i in items]
 
 
-def _local(policy, encoder, prompts, seeds, max_new_tokens=8):
+def _local(policy, encoder, prompts, seeds, max_new_tokens=8, num_generations=3):
     from ume_train.rollouts import TransformersRollouts
 
     local = TransformersRollouts(policy, encoder.processor, encoder.token_ids, max_new_tokens=max_new_tokens)
-    return local.generate(prompts, 3, seeds)
+    return local.generate(prompts, num_generations, seeds)
 
 
 def test_generate_request_round_trip(encoder, mp4_path, tmp_path):
@@ -223,3 +223,44 @@ def test_vllm_rollouts_sync_and_sample(tiny_ckpt, encoder, mp4_path, tmp_path):
     doubled = rollouts.llm.collective_rpc("ume_parameter_sums")[0]
     changed = [n for n in sums if abs(doubled[n] - 2 * sums[n]) <= 1e-3 * max(1.0, abs(sums[n]))]
     assert len(changed) == len(sums), sorted(set(sums) - set(changed))[:5]
+
+
+@pytest.mark.slow
+def test_rollout_server_command(tiny_ckpt, encoder, capsys):
+    """`ume-train rollout-server` in its own process: a trainer-side client finds it, checks the
+    model and gets the rollouts that sampling on the same weights gives; bad options exit 1."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ume_train.rollout_client import ServerRollouts
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = [sys.executable, "-m", "ume_train.cli", "rollout-server", "--model", str(tiny_ckpt), "--engine", "transformers"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from ume_train.cli import main
+
+    assert main([*cli[3:], "--tensor-parallel-size", "2"]) == 1
+    assert "--engine transformers takes no --tensor-parallel-size" in capsys.readouterr().err
+    proc = subprocess.Popen([*cli, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = ServerRollouts(f"http://127.0.0.1:{port}", max_new_tokens=6, connect_timeout=120)
+        assert client.info["engine"] == "transformers" and client.info["model"] == str(tiny_ckpt)
+        client.check_model(encoder.model.config)
+        prompts = [encoder.preparer.prepare(Item(text="a blue square"))]
+        assert client.generate(prompts, 2, [5]) == _local(encoder.model, encoder, prompts, [5], max_new_tokens=6,
+                                                          num_generations=2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_config_names_a_wrong_rollout_backend(tmp_path, tiny_ckpt):
+    from test_train_grpo import _grpo_args
+
+    with pytest.raises(ValueError, match="rollout_backend must be one of"):
+        _grpo_args(tmp_path, tiny_ckpt, rollout_backend="sglang")
