@@ -264,3 +264,27 @@ def test_config_names_a_wrong_rollout_backend(tmp_path, tiny_ckpt):
 
     with pytest.raises(ValueError, match="rollout_backend must be one of"):
         _grpo_args(tmp_path, tiny_ckpt, rollout_backend="sglang")
+
+
+@pytest.mark.slow
+def test_two_processes_sync_once_and_sample_the_synced_weights(server, tiny_ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train_grpo import _free_port
+
+    root = Path(__file__).resolve().parents[1]
+    updates = server.health()["weight_updates"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), str(root / "tests" / "workers" / "server_sync.py"), str(tiny_ckpt), server.url,
+                    str(tmp_path / "out")], check=True, env=env, cwd=tmp_path, timeout=300)
+    assert server.health()["weight_updates"] == updates + 1  # process 0 sent, process 1 only gathered
+    from transformers import Qwen2VLForConditionalGeneration
+
+    original = Qwen2VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    served = dict(server.engine.model.named_parameters())
+    assert all(torch.equal(served[n], -p) for n, p in original.named_parameters())
+    assert all(torch.load(tmp_path / f"out.{rank}")["equal"] for rank in (0, 1))
