@@ -220,3 +220,26 @@ def test_two_processes_equal_one_process(tiny_ckpt, shapes, tmp_path):
     torch.testing.assert_close(two["loss"], one["loss"], atol=1e-5, rtol=1e-5)
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["grpo_2b_zero3.yaml", "grpo_7b_zero3.yaml", "grpo_2b_vllm.yaml", "grpo_tiny_cpu.yaml"])
+def test_shipped_grpo_configs_dry_run(name, tiny_ckpt, shapes, monkeypatch, capsys):
+    """The GRPO recipes parse, validate and pass the dry run; the plan names who samples rollouts."""
+    import importlib.util
+
+    from ume_train.cli import main
+    from ume_train.data.records import read_records
+
+    monkeypatch.chdir(ROOT)
+    code = main(["grpo", "--config", f"examples/train/{name}", "--dry-run", "--model_name_or_path", str(tiny_ckpt),
+                 "--train_files", str(shapes.train), "--media_root", str(shapes.root), "--use_cpu", "true",
+                 "--bf16", "false"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    plan = dict(line.split(None, 1) for line in out.out.strip().splitlines())
+    assert plan["records"] == str(len(read_records(shapes.train, require_reasoning=False).records))
+    if name == "grpo_2b_vllm.yaml":
+        installed = importlib.util.find_spec("vllm") is not None
+        assert plan["rollouts"] == f"vllm, colocated ({'installed' if installed else 'NOT installed here: pip install ume-r1[vllm]'})"
+    else:
+        assert plan["rollouts"] == "transformers generate on the policy"

@@ -103,7 +103,19 @@ def dry_run(args: Any) -> dict[str, Any]:
         "steps": args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * len(report.records) // per_step),
         "deepspeed": deepspeed, "fsdp": args.fsdp or None, "bf16": args.bf16, "lora": getattr(args, "use_lora", False),
         "output_dir": args.output_dir,
+        **({} if sft else {"rollouts": _rollout_plan(args)}),
     }
+
+
+def _rollout_plan(args: Any) -> str:
+    import importlib.util
+
+    if args.rollout_backend == "server":
+        return f"server at {args.rollout_server_url} (start it with `ume-train rollout-server --model ...`)"
+    if args.rollout_backend == "vllm":
+        found = importlib.util.find_spec("vllm") is not None
+        return f"vllm, colocated ({'installed' if found else 'NOT installed here: pip install ume-r1[vllm]'})"
+    return "transformers generate on the policy"
 
 
 def run_training(kind: str, args: Any) -> dict[str, Any]:

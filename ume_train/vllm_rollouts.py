@@ -76,8 +76,10 @@ class VLLMRollouts:
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, dtype: str = "auto",
                  max_model_len: int | None = None, enforce_eager: bool = False, seed: int = 0,
                  **llm_kwargs: Any):
-        from vllm import LLM
-
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise ImportError(f"vLLM rollouts need vLLM: pip install 'ume-r1[vllm]' ({exc})") from exc
         if colocate and tensor_parallel_size != 1:
             raise ValueError("colocated vLLM rollouts run one engine per training process (tensor_parallel_size=1); "
                              "for tensor parallelism run `ume-train rollout-server` and use rollouts='server'")
