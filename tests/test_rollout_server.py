@@ -288,3 +288,14 @@ def test_two_processes_sync_once_and_sample_the_synced_weights(server, tiny_ckpt
     served = dict(server.engine.model.named_parameters())
     assert all(torch.equal(served[n], -p) for n, p in original.named_parameters())
     assert all(torch.load(tmp_path / f"out.{rank}")["equal"] for rank in (0, 1))
+
+
+def test_a_failed_sync_raises_and_names_the_server(server, policy):
+    from ume_train.rollout_client import RolloutServerError, ServerRollouts
+
+    client = ServerRollouts(server.url, max_new_tokens=4, connect_timeout=10)
+    policy.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))  # a parameter the server lacks
+    updates = server.health()["weight_updates"]
+    with pytest.raises(RolloutServerError, match="weight sync failed: .*parameters this model does not have: \\['extra'\\]"):
+        client.sync_weights(policy)
+    assert server.health()["weight_updates"] == updates  # never finished

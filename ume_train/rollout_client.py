@@ -92,13 +92,22 @@ class ServerRollouts:
 
         distributed = dist.is_available() and dist.is_initialized()
         sender = not distributed or dist.get_rank() == 0
-        sent = 0
+        error: str | None = None
         for chunk in weight_chunks(named_full_weights(model), self.chunk_bytes):
-            if sender:
-                self._request("POST", "/update_weights", to_bytes(chunk))
-                sent += len(chunk)
-        if sender:
-            self._request("POST", "/finish_weight_update", b"")
-            logger.debug("sent %d tensors to %s", sent, self.url)
-        if distributed:
-            dist.barrier()
+            # Keep iterating after a failure: the other processes are in the same gathers.
+            if sender and error is None:
+                try:
+                    self._request("POST", "/update_weights", to_bytes(chunk))
+                except RolloutServerError as exc:
+                    error = str(exc)
+        if sender and error is None:
+            try:
+                self._request("POST", "/finish_weight_update", b"")
+            except RolloutServerError as exc:
+                error = str(exc)
+        if distributed:  # every process learns the outcome (and none samples before the update landed)
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RolloutServerError(f"weight sync failed: {error}")
