@@ -200,12 +200,33 @@ def test_weight_chunks_and_names_fit_the_checkpoint(tiny_ckpt, policy):
     assert all(torch.equal(dict(fresh.named_parameters())[n], p) for n, p in policy.named_parameters())
 
 
-def test_vllm_rollouts_sync_and_sample(tiny_ckpt, encoder, mp4_path, tmp_path):
-    """vLLM colocated engine: samples well-formed rollouts; a sync changes its weights."""
+def test_vllm_rollouts_sync_and_sample(tiny_ckpt, encoder, mp4_path, tmp_path, monkeypatch):
+    """vLLM colocated engine: samples well-formed rollouts; a sync changes its weights and its samples."""
     pytest.importorskip("vllm", reason="vllm is not installed (optional 'vllm' extra): vLLM rollouts not tested")
     if not torch.cuda.is_available():
         pytest.skip("vLLM rollouts need a CUDA GPU")
+    import gc
+    import socket
+
+    import torch.distributed as dist
+
     from ume_train.vllm_rollouts import VLLMRollouts
+
+    with socket.socket() as s:  # torchrun's variables for this test only (external_launcher reads them)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    try:
+        _check_vllm_rollouts(VLLMRollouts, tiny_ckpt, encoder, mp4_path, tmp_path)
+    finally:
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_vllm_rollouts(VLLMRollouts, tiny_ckpt, encoder, mp4_path, tmp_path):  # noqa: N803
 
     rollouts = VLLMRollouts(str(tiny_ckpt), encoder.processor.tokenizer, encoder.token_ids, max_new_tokens=8,
                             dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
@@ -223,6 +244,8 @@ def test_vllm_rollouts_sync_and_sample(tiny_ckpt, encoder, mp4_path, tmp_path):
     doubled = rollouts.llm.collective_rpc("ume_parameter_sums")[0]
     changed = [n for n in sums if abs(doubled[n] - 2 * sums[n]) <= 1e-3 * max(1.0, abs(sums[n]))]
     assert len(changed) == len(sums), sorted(set(sums) - set(changed))[:5]
+    assert rollouts.generate(prompts, 3, [1, 2, 3]) != out  # new weights, new samples (prefix cache reset)
+    del rollouts
 
 
 @pytest.mark.slow
@@ -299,3 +322,49 @@ def test_a_failed_sync_raises_and_names_the_server(server, policy):
     with pytest.raises(RolloutServerError, match="weight sync failed: .*parameters this model does not have: \\['extra'\\]"):
         client.sync_weights(policy)
     assert server.health()["weight_updates"] == updates  # never finished
+
+
+def test_client_refuses_a_server_that_sizes_images_differently(server, encoder):
+    from ume_retriever.model.encoder import set_pixel_caps
+    from ume_train.rollout_client import ServerRollouts
+    from ume_train.rollout_server import RolloutServer
+    from ume_train.rollout_wire import pixel_caps
+
+    other = copy.deepcopy(encoder.processor)
+    set_pixel_caps(other, 64 * 28 * 28, 128 * 28 * 28)
+    engine = server.engine
+    engine.pixel_caps = pixel_caps(other)  # as a vLLM engine started with those caps reports them
+    try:
+        second = RolloutServer(engine, model="m", fingerprint=server.info["fingerprint"], host="127.0.0.1", port=0)
+    finally:
+        del engine.pixel_caps
+    second.start()
+    try:
+        client = ServerRollouts(second.url, max_new_tokens=4, connect_timeout=10)
+        assert client.info["pixel_caps"]["image_processor"] == [64 * 28 * 28, 128 * 28 * 28]
+        client.check_model(encoder.model.config)  # architecture alone agrees
+        with pytest.raises(ValueError, match="sizes images with"):
+            client.check_model(encoder.model.config, encoder.processor)
+        client.check_model(encoder.model.config, other)
+    finally:
+        second.shutdown()
+
+
+def test_fsdp1_wrapped_models_are_refused_and_bad_headers_get_400(server):
+    import http.client
+    from urllib.parse import urlparse
+
+    from ume_train.weight_sync import named_full_weights
+
+    wrapped = torch.nn.Module()
+    wrapped._fsdp_wrapped_module = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="FSDP version 1"):
+        next(named_full_weights(wrapped))
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.putrequest("POST", "/generate")
+    conn.putheader("Content-Length", "many")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400 and json.loads(resp.read())["error"] == "bad Content-Length"
+    conn.close()

@@ -4,7 +4,7 @@
     ume-train grpo --config examples/train/grpo_tiny_cpu.yaml [--dry-run]
     torchrun --nproc_per_node 8 -m ume_train.cli sft --config examples/train/sft_2b_zero3.yaml
     ume-train synthetic ./shapes --modalities image,video,pdf
-    ume-train rollout-server --model ./sft-ckpt --engine vllm --port 8000   # rollouts for GRPO
+    ume-train rollout-server --model ./sft-ckpt --engine vllm --host 10.0.0.5 --port 8000   # rollouts for GRPO
 
 Keys on the command line override the file's. ``--dry-run`` parses and validates the config,
 reads and checks every record (media present, reasoning present) and the DeepSpeed/FSDP files,
@@ -148,7 +148,7 @@ def serve_rollouts(ns: argparse.Namespace) -> None:
 
     options = {"device": ns.device, "dtype": ns.dtype, "gpu_memory_utilization": ns.gpu_memory_utilization,
                "tensor_parallel_size": ns.tensor_parallel_size, "max_model_len": ns.max_model_len,
-               "enforce_eager": ns.enforce_eager}
+               "enforce_eager": ns.enforce_eager, "min_pixels": ns.min_pixels, "max_pixels": ns.max_pixels}
     if ns.engine == "transformers":
         ignored = [k for k, v in options.items() if v is not None and k not in ("device", "dtype")]
         if ignored:
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     srv = sub.add_parser("rollout-server", help="sample GRPO rollouts for trainers (rollout_backend=server)")
     srv.add_argument("--model", required=True, help="the checkpoint the trainer starts from")
     srv.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
-    srv.add_argument("--host", default="0.0.0.0")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; the server has no authentication: use a private network")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     srv.add_argument("--device", default=None, help="transformers engine: cpu, cuda, cuda:1, ...")
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm engine")
     srv.add_argument("--max-model-len", type=int, default=None, help="vllm engine")
     srv.add_argument("--enforce-eager", action="store_true", default=None, help="vllm engine: no CUDA graphs")
+    srv.add_argument("--min-pixels", type=int, default=None, help="vllm engine: the trainer's min_pixels")
+    srv.add_argument("--max-pixels", type=int, default=None, help="vllm engine: the trainer's max_pixels")
     syn = sub.add_parser("synthetic", help="write the synthetic shape-scene dataset")
     syn.add_argument("root")
     syn.add_argument("--modalities", default="image")

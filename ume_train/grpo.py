@@ -148,7 +148,7 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
             from .rollout_client import ServerRollouts
 
             server = ServerRollouts(args.rollout_server_url, connect_timeout=args.rollout_server_timeout, **sampling)
-            server.check_model(model.config)
+            server.check_model(model.config, processor)
             return server
         if args.rollout_backend == "vllm":
             from .vllm_rollouts import VLLMRollouts
@@ -160,7 +160,8 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
                 repetition_penalty=getattr(model.generation_config, "repetition_penalty", None) or 1.0,
                 gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=str(model.dtype).removeprefix("torch."),
                 max_model_len=args.vllm_max_model_len, enforce_eager=args.vllm_enforce_eager,
-                seed=args.seed + args.process_index, **sampling)
+                seed=args.seed + args.process_index, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                **sampling)
         return TransformersRollouts(model, processor, token_ids, **sampling)
 
     @staticmethod

@@ -8,6 +8,7 @@ server has them, so no process samples from stale weights.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from torch import nn
 
 from ume_retriever.model.preprocess import PreparedInput
 
-from .rollout_wire import SamplingRequest, config_fingerprint, decode_rollouts, encode_generate_request
+from .rollout_wire import SamplingRequest, config_fingerprint, decode_rollouts, encode_generate_request, pixel_caps
 from .rollouts import Rollout
 from .weight_sync import DEFAULT_CHUNK_BYTES, named_full_weights, to_bytes, weight_chunks
 
@@ -67,15 +68,21 @@ class ServerRollouts:
             except ValueError:
                 reason = exc.reason
             raise RolloutServerError(f"rollout server {self.url}{path}: {exc.code} {reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise RolloutServerError(f"rollout server {self.url}{path}: {exc}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            raise RolloutServerError(f"rollout server {self.url}{path}: {type(exc).__name__}: {exc}") from None
 
-    def check_model(self, config: Any) -> None:
-        """Refuse to train against a server that holds a different model."""
+    def check_model(self, config: Any, processor: Any = None) -> None:
+        """Refuse to train against a server that holds a different model, or that would cut images
+        into another visual-token grid than the policy's processor (``processor``)."""
         ours, theirs = config_fingerprint(config), self.info.get("fingerprint")
         if ours != theirs:
             raise ValueError(f"the rollout server at {self.url} serves {self.info.get('model')} whose config "
                              f"{theirs} differs from the policy's {ours}")
+        served_caps = self.info.get("pixel_caps")
+        if processor is not None and served_caps is not None and pixel_caps(processor) != served_caps:
+            raise ValueError(f"the rollout server at {self.url} sizes images with [min, max] pixels {served_caps}, "
+                             f"the policy's processor with {pixel_caps(processor)}: start the server with the "
+                             f"trainer's --min-pixels/--max-pixels")
 
     def generate(self, prompts: list[PreparedInput], num_generations: int, seeds: list[int]) -> list[list[Rollout]]:
         sampling = SamplingRequest(num_generations=num_generations, seeds=list(seeds),
@@ -98,12 +105,12 @@ class ServerRollouts:
             if sender and error is None:
                 try:
                     self._request("POST", "/update_weights", to_bytes(chunk))
-                except RolloutServerError as exc:
+                except Exception as exc:  # noqa: BLE001 - whatever it is, the others must hear of it
                     error = str(exc)
         if sender and error is None:
             try:
                 self._request("POST", "/finish_weight_update", b"")
-            except RolloutServerError as exc:
+            except Exception as exc:  # noqa: BLE001
                 error = str(exc)
         if distributed:  # every process learns the outcome (and none samples before the update landed)
             box = [error]

@@ -1,6 +1,6 @@
 """A rollout server: samples GRPO rollouts on its own GPUs for trainers that post prompts to it.
 
-    ume-train rollout-server --model ./sft-ckpt --engine vllm --port 8000 [--tensor-parallel-size 2]
+    ume-train rollout-server --model ./sft-ckpt --engine vllm --host 10.0.0.5 --port 8000 [--tensor-parallel-size 2]
     # trainer: GRPOConfig(rollout_backend="server", rollout_server_url="http://HOST:8000")
 
 Why our own small server rather than ``vllm serve``: the UME prompt must reach the engine exactly
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .rollout_wire import config_fingerprint, decode_generate_request, encode_rollouts
+from .rollout_wire import config_fingerprint, decode_generate_request, encode_rollouts, pixel_caps
 from .rollouts import Rollout, TransformersRollouts
 from .weight_sync import from_bytes, load_full_weights
 
@@ -49,6 +49,8 @@ class RolloutEngine(Protocol):
 
 class TransformersEngine(TransformersRollouts):
     """Server-side sampling with transformers ``generate`` on a model this process loads."""
+
+    pixel_caps = None  # samples from the trainer's own vision tensors: no caps of its own to agree on
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str | None = None):
         from ume_retriever import UMEEncoder
@@ -74,17 +76,22 @@ def load_engine(model_path: str, engine: str, **kwargs: Any) -> tuple[RolloutEng
     if engine == "vllm":
         from transformers import AutoProcessor, GenerationConfig
 
+        from ume_retriever.model.encoder import set_pixel_caps
         from ume_retriever.model.tokens import resolve_token_ids
 
         from .vllm_rollouts import VLLMRollouts
 
         processor = AutoProcessor.from_pretrained(model_path)
+        set_pixel_caps(processor, kwargs.get("min_pixels"), kwargs.get("max_pixels"))
         gen_config = GenerationConfig.from_pretrained(model_path)
         token_ids = resolve_token_ids(processor.tokenizer, gen_config, model_path)
         vllm_kwargs = {k: v for k, v in kwargs.items() if k != "device" and v is not None}
-        return VLLMRollouts(model_path, processor.tokenizer, token_ids, max_new_tokens=1, colocate=False,
-                            repetition_penalty=getattr(gen_config, "repetition_penalty", None) or 1.0,
-                            **vllm_kwargs), fingerprint
+        vllm_kwargs.setdefault("gpu_memory_utilization", 0.9)  # the GPUs are the server's alone
+        rollouts = VLLMRollouts(model_path, processor.tokenizer, token_ids, max_new_tokens=1, colocate=False,
+                                repetition_penalty=getattr(gen_config, "repetition_penalty", None) or 1.0,
+                                **vllm_kwargs)
+        rollouts.pixel_caps = pixel_caps(processor)  # what vLLM cuts images with: trainers must agree
+        return rollouts, fingerprint
     raise ValueError(f"engine must be 'vllm' or 'transformers', got {engine!r}")
 
 
@@ -95,7 +102,7 @@ class RolloutServer:
                  port: int = 8000, engine_name: str = ""):
         self.engine = engine
         self.info = {"status": "ok", "model": model, "engine": engine_name or type(engine).__name__,
-                     "fingerprint": fingerprint}
+                     "fingerprint": fingerprint, "pixel_caps": getattr(engine, "pixel_caps", None)}
         self.weight_updates = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -169,7 +176,12 @@ class RolloutServer:
 
             def do_POST(self) -> None:  # noqa: N802
                 route = posts.get(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    self.close_connection = True  # the body's end is unknown
+                    self._reply(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
+                    return
                 body = self.rfile.read(length)
                 if route is None:
                     self._reply(HTTPStatus.NOT_FOUND, {"error": f"no route POST {self.path}"})

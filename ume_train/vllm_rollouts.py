@@ -1,6 +1,6 @@
 """GRPO rollouts sampled by vLLM (``pip install 'ume-r1[vllm]'``), on a copy of the policy.
 
-Colocated (``GRPOConfig(rollouts="vllm")``): every training process holds its own vLLM engine on
+Colocated (``GRPOConfig(rollout_backend="vllm")``): every training process holds its own vLLM engine on
 its own GPU (``distributed_executor_backend="external_launcher"``, engine in-process) and
 samples its own prompts; before each step's rollouts the policy's weights are copied in.
 The same class is the engine behind ``ume-train rollout-server --engine vllm`` (server mode).
@@ -75,14 +75,16 @@ class VLLMRollouts:
                  temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0, colocate: bool = True,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, dtype: str = "auto",
                  max_model_len: int | None = None, enforce_eager: bool = False, seed: int = 0,
-                 **llm_kwargs: Any):
+                 min_pixels: int | None = None, max_pixels: int | None = None, **llm_kwargs: Any):
+        """``min_pixels``/``max_pixels``: the policy processor's caps, so vLLM cuts images into the
+        same visual-token grid the log-probabilities are computed on."""
         try:
             from vllm import LLM
         except ImportError as exc:
             raise ImportError(f"vLLM rollouts need vLLM: pip install 'ume-r1[vllm]' ({exc})") from exc
         if colocate and tensor_parallel_size != 1:
             raise ValueError("colocated vLLM rollouts run one engine per training process (tensor_parallel_size=1); "
-                             "for tensor parallelism run `ume-train rollout-server` and use rollouts='server'")
+                             "for tensor parallelism run `ume-train rollout-server` and use rollout_backend='server'")
         kwargs: dict[str, Any] = dict(
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
             enforce_eager=enforce_eager, seed=seed, worker_extension_cls=EXTENSION,
@@ -90,6 +92,9 @@ class VLLMRollouts:
         )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        caps = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if caps:
+            kwargs["mm_processor_kwargs"] = caps
         if colocate:
             _set_single_process_env()
             kwargs["distributed_executor_backend"] = "external_launcher"

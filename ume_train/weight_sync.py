@@ -30,6 +30,10 @@ def _gathered(param: nn.Parameter) -> contextlib.AbstractContextManager:
 
 def named_full_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter, detached; tied parameters once."""
+    if any("_fsdp_wrapped_module" in name for name, _ in model.named_parameters()):
+        # FSDP1 flattens parameters into per-rank shards under wrapper names; not gathered here.
+        raise ValueError("copying weights to a rollout engine does not support FSDP version 1: use FSDP2 "
+                         "(fsdp_config: {\"version\": 2}) or DeepSpeed ZeRO-3, or rollout_backend='transformers'")
     for name, param in model.named_parameters():
         with _gathered(param):
             tensor = param.detach()
