@@ -368,3 +368,71 @@ def test_fsdp1_wrapped_models_are_refused_and_bad_headers_get_400(server):
     resp = conn.getresponse()
     assert resp.status == 400 and json.loads(resp.read())["error"] == "bad Content-Length"
     conn.close()
+
+
+def test_concurrent_requests_share_one_engine_call_and_a_bad_one_fails_alone(server, policy, encoder):
+    """Requests that wait while the engine is busy go together in its next call, each gets
+    exactly its own rollouts; a request the engine chokes on fails alone."""
+    import threading
+
+    from ume_train.rollout_client import RolloutServerError, ServerRollouts
+
+    client = ServerRollouts(server.url, max_new_tokens=6, connect_timeout=10)
+    client.sync_weights(policy)
+    texts = ["a red circle", "a blue square at the top", "two green crosses"]
+    prompts = [encoder.preparer.prepare(Item(text=t)) for t in texts]
+    broken = copy.copy(prompts[0])
+    broken.input_ids = torch.tensor([policy.config.text_config.vocab_size + 7])  # no such token
+    requests = [([prompts[0]], [3]), ([prompts[1], prompts[2]], [4, 5]), ([broken], [6])]
+    results: dict[int, object] = {}
+
+    def post(i):
+        try:
+            results[i] = client.generate(requests[i][0], 2, requests[i][1])
+        except RolloutServerError as exc:
+            results[i] = exc
+
+    calls = server.sampler.engine_calls
+    with server.sampler.engine_lock:  # the engine is busy: all three queue up
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(200):
+            if len(server.sampler._pending) == 3:
+                break
+            threading.Event().wait(0.05)
+        assert len(server.sampler._pending) == 3
+    for t in threads:
+        t.join(timeout=60)
+    # one merged call (fails on the broken prompt), then the three retried one by one
+    assert server.sampler.engine_calls == calls + 4
+    assert results[0] == _local(policy, encoder, [prompts[0]], [3], max_new_tokens=6, num_generations=2)
+    assert results[1] == _local(policy, encoder, prompts[1:], [4, 5], max_new_tokens=6, num_generations=2)
+    assert isinstance(results[2], RolloutServerError) and "500" in str(results[2])
+    assert server.health()["status"] == "ok"
+
+
+def test_merged_requests_are_served_in_one_call(server, policy, encoder):
+    import threading
+
+    from ume_train.rollout_client import ServerRollouts
+
+    client = ServerRollouts(server.url, max_new_tokens=5, connect_timeout=10)
+    client.sync_weights(policy)
+    prompts = [encoder.preparer.prepare(Item(text=t)) for t in ("one", "two", "three", "four")]
+    results: dict[int, object] = {}
+    calls = server.sampler.engine_calls
+    with server.sampler.engine_lock:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.generate([prompts[i]], 2, [i])))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(200):
+            if len(server.sampler._pending) == 4:
+                break
+            threading.Event().wait(0.05)
+    for t in threads:
+        t.join(timeout=60)
+    assert server.sampler.engine_calls == calls + 1
+    for i in range(4):
+        assert results[i] == _local(policy, encoder, [prompts[i]], [i], max_new_tokens=5, num_generations=2)

@@ -10,8 +10,10 @@ recent releases. This server uses vLLM's offline API only (see ``vllm_rollouts``
 
 Routes: ``GET /health`` (engine, model, config fingerprint, updates so far); ``POST /generate``
 (a ``rollout_wire`` request -> JSON rollouts); ``POST /update_weights`` (a safetensors chunk of
-full weights by parameter name); ``POST /finish_weight_update``. Requests run one at a time
-(engines are not thread-safe); a bad request gets a 400 with the reason and the server stays up.
+full weights by parameter name); ``POST /finish_weight_update``. The engine runs one call
+at a time (engines are not thread-safe); generate requests that arrive meanwhile are merged
+into its next call (``rollout_batching``). A bad request gets a 400 with the reason and the
+server stays up.
 ``--engine transformers`` samples with transformers ``generate`` instead (CPU or one GPU).
 """
 
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .rollout_batching import BatchingSampler
 from .rollout_wire import config_fingerprint, decode_generate_request, encode_rollouts, pixel_caps
 from .rollouts import Rollout, TransformersRollouts
 from .weight_sync import from_bytes, load_full_weights
@@ -104,7 +107,8 @@ class RolloutServer:
         self.info = {"status": "ok", "model": model, "engine": engine_name or type(engine).__name__,
                      "fingerprint": fingerprint, "pixel_caps": getattr(engine, "pixel_caps", None)}
         self.weight_updates = 0
-        self._lock = threading.Lock()
+        self.sampler = BatchingSampler(engine)
+        self._lock = self.sampler.engine_lock  # weight updates wait for sampling and the other way round
         self._thread: threading.Thread | None = None
         self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
 
@@ -133,12 +137,7 @@ class RolloutServer:
 
     def generate(self, body: bytes) -> dict[str, Any]:
         prompts, sampling = decode_generate_request(body)
-        with self._lock:
-            self.engine.max_new_tokens = sampling.max_new_tokens
-            self.engine.temperature = sampling.temperature
-            self.engine.top_p = sampling.top_p
-            rollouts = self.engine.generate(prompts, sampling.num_generations, sampling.seeds)
-        return encode_rollouts(rollouts)
+        return encode_rollouts(self.sampler.sample(prompts, sampling))
 
     def update_weights(self, body: bytes) -> dict[str, Any]:
         weights, _ = from_bytes(body)
