@@ -1,7 +1,7 @@
 """Every performance benchmark in one command: one table of ratios, each measured side by side
 within its own run, written to benchmarks/results/suite.md (and .json).
 
-    python benchmarks/run_all.py                 # encoder overheads, store (20k points), ingest
+    python benchmarks/run_all.py                 # encoder overheads, store (20k points), ingest, rollout server
     python benchmarks/run_all.py --points 100000 # the store at 100k (about 17 minutes on 2 cores)
     python benchmarks/run_all.py --device cuda --preset 2b
 
@@ -59,6 +59,7 @@ def main() -> None:
     sections.append(("encoder", run("encoder_overhead.py", enc_args, out.with_name("suite_encoder.json"))))
     sections.append(("store + ingest", run("index_bench.py", ["--points", str(args.points)],
                                            out.with_name("suite_index.json"))))
+    sections.append(("rollout server", run("rollout_server_bench.py", [], out.with_name("suite_rollouts.json"))))
     lines = [f"Benchmarks on {machine()}, {time.strftime('%Y-%m-%d')}; store at {args.points:,} points; "
              f"encoder preset {args.preset}.", "", "| section | measure | ratio | target |", "|---|---|---|---|"]
     for section, result in sections:
