@@ -99,6 +99,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "ume_train.sft", "ume_train.data.synthetic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars: the demo reports its own steps
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

@@ -73,6 +73,7 @@ def test_demo_script_runs_and_reports_truthfully(tmp_path, tiny_ckpt):
     assert run.returncode == (0 if found == 6 else 1)
     assert out.count("OK ") + out.count("MISS") >= len(QUERIES)
     assert out.count("OK ") == found
+    assert "Loading weights" not in run.stderr + out  # only the demo's own progress lines
     from PIL import Image
 
     assert Image.open(tmp_path / "w" / "results.png").size[1] > 500  # one row per query
