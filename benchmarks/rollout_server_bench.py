@@ -9,7 +9,8 @@ own process on this machine. Measured, alternating the two sides (this machine i
   on the same weights in this process, same prompts and seeds (the outputs are checked equal);
 - weight sync: `ServerRollouts.sync_weights` (safetensors chunks over HTTP into the server's
   model) over copying the same weights into a second model in this process; and its
-  throughput, with the time it would take for Qwen2-VL-2B's weights in bf16 (4.42 GB).
+  throughput, with the time it would take for Qwen2-VL-2B's weights in bf16 (4.42 GB); and
+  two chunks in flight (the default) over one at a time.
 The two processes share this machine's cores, so the server's numbers include that contention.
 """
 
@@ -75,7 +76,7 @@ def main() -> None:
         client.sync_weights(policy)  # warm up both sides
         assert client.generate(prompts, args.generations, seeds) == local.generate(prompts, args.generations, seeds)
 
-        served, inproc, synced, copied = [], [], [], []
+        served, inproc, synced, serial, copied = [], [], [], [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
             client.generate(prompts, args.generations, seeds)
@@ -83,9 +84,11 @@ def main() -> None:
             t = time.perf_counter()
             local.generate(prompts, args.generations, seeds)
             inproc.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            client.sync_weights(policy)
-            synced.append(time.perf_counter() - t)
+            for in_flight, times in ((2, synced), (1, serial)):
+                client.chunks_in_flight = in_flight
+                t = time.perf_counter()
+                client.sync_weights(policy)
+                times.append(time.perf_counter() - t)
             t = time.perf_counter()
             load_full_weights(other, dict(named_full_weights(policy)))
             copied.append(time.perf_counter() - t)
@@ -94,16 +97,18 @@ def main() -> None:
         server.wait(timeout=60)
 
     med = {k: statistics.median(v) for k, v in
-           (("served", served), ("inproc", inproc), ("synced", synced), ("copied", copied))}
+           (("served", served), ("inproc", inproc), ("synced", synced), ("serial", serial), ("copied", copied))}
     throughput = weight_bytes / med["synced"]
     rows = [
         ("rollouts: server / in-process (same outputs)", med["served"] / med["inproc"], "<= 1.10"),
         ("weight sync over HTTP / in-process copy", med["synced"] / med["copied"], "(report)"),
+        ("weight sync, 2 chunks in flight / 1 at a time", med["synced"] / med["serial"], "< 1"),
     ]
     print(f"\nrollouts ({args.prompts} prompts x {args.generations}, {args.new_tokens} new tokens): "
           f"server {med['served']:.2f} s, in-process {med['inproc']:.2f} s")
     print(f"weight sync: {med['synced']:.2f} s for {weight_bytes / 2**20:.0f} MiB = {throughput / 2**20:.0f} MiB/s "
-          f"(in-process copy {med['copied']:.3f} s); Qwen2-VL-2B in bf16 at this rate: "
+          f"(one chunk at a time {med['serial']:.2f} s; in-process copy {med['copied']:.3f} s); "
+          f"Qwen2-VL-2B in bf16 at this rate: "
           f"{QWEN2_VL_2B_BF16_BYTES / throughput:.1f} s per step")
     for name, value, target in rows:
         print(f"| {name} | {value:.3f} | {target} |")

@@ -1,9 +1,9 @@
 """``ServerRollouts``: GRPO rollouts from a ``ume-train rollout-server`` (see ``rollout_server``).
 
-Every training process posts its own prompts; the server answers them one request at a time.
-``sync_weights`` streams the policy's full weights in safetensors chunks: all processes take
-part in gathering sharded parameters, process 0 alone sends, and everyone waits until the
-server has them, so no process samples from stale weights.
+Every training process posts its own prompts (the server merges what arrives together).
+``sync_weights`` streams the policy's full weights in safetensors chunks, two in flight: all
+processes take part in gathering sharded parameters, process 0 alone sends, and everyone
+waits until the server has them, so no process samples from stale weights.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from torch import nn
@@ -34,14 +36,16 @@ class RolloutServerError(RuntimeError):
 class ServerRollouts:
     def __init__(self, url: str, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  connect_timeout: float = 600.0, request_timeout: float = 3600.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        """Waits up to ``connect_timeout`` seconds for the server to come up (it may still be loading)."""
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chunks_in_flight: int = 2):
+        """Waits up to ``connect_timeout`` seconds for the server to come up (it may still be loading).
+        ``chunks_in_flight``: weight chunks being serialised/sent at once during a sync."""
         self.url = url.rstrip("/")
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.request_timeout = request_timeout
         self.chunk_bytes = chunk_bytes
+        self.chunks_in_flight = max(1, chunks_in_flight)
         self.info = self._wait_for_server(connect_timeout)
 
     def _wait_for_server(self, timeout: float) -> dict[str, Any]:
@@ -99,22 +103,36 @@ class ServerRollouts:
 
         distributed = dist.is_available() and dist.is_initialized()
         sender = not distributed or dist.get_rank() == 0
-        error: str | None = None
-        for chunk in weight_chunks(named_full_weights(model), self.chunk_bytes):
-            # Keep iterating after a failure: the other processes are in the same gathers.
-            if sender and error is None:
-                try:
-                    self._request("POST", "/update_weights", to_bytes(chunk))
-                except Exception as exc:  # noqa: BLE001 - whatever it is, the others must hear of it
-                    error = str(exc)
-        if sender and error is None:
+        errors: list[str] = []
+        # Chunks in flight: one is serialised and sent while the server loads another.
+        with ThreadPoolExecutor(max_workers=self.chunks_in_flight) as pool:
+            inflight: deque[Future] = deque()
+            for chunk in weight_chunks(named_full_weights(model), self.chunk_bytes):
+                # Keep iterating after a failure: the other processes are in the same gathers.
+                if sender and not errors:
+                    inflight.append(pool.submit(self._send_chunk, chunk))
+                    while len(inflight) >= self.chunks_in_flight or (inflight and inflight[0].done()):
+                        errors += _failure(inflight.popleft())
+            while inflight:
+                errors += _failure(inflight.popleft())
+        if sender and not errors:
             try:
                 self._request("POST", "/finish_weight_update", b"")
-            except Exception as exc:  # noqa: BLE001
-                error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the others must hear of it
+                errors.append(str(exc))
+        error = errors[0] if errors else None
         if distributed:  # every process learns the outcome (and none samples before the update landed)
             box = [error]
             dist.broadcast_object_list(box, src=0)
             error = box[0]
         if error is not None:
             raise RolloutServerError(f"weight sync failed: {error}")
+
+    def _send_chunk(self, chunk: dict) -> None:
+        self._request("POST", "/update_weights", to_bytes(chunk))
+
+
+def _failure(future: Future) -> list[str]:
+    """[the error] if the chunk's send failed, else []."""
+    exc = future.exception()
+    return [] if exc is None else [str(exc)]

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
 def _gathered(param: nn.Parameter) -> contextlib.AbstractContextManager:
