@@ -116,3 +116,17 @@ def write_mp4(path: Path, num_frames: int = 20, size: tuple[int, int] = (64, 48)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def recipe_dry_run(command: str, recipe: str, tiny_ckpt, shapes, monkeypatch, capsys) -> dict[str, str]:
+    """`ume-train COMMAND --config examples/train/RECIPE --dry-run` on the test data, on CPU;
+    the printed plan as {key: value} (asserts that it exited 0)."""
+    from ume_train.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipes name their launcher files relative to the repo
+    code = main([command, "--config", f"examples/train/{recipe}", "--dry-run", "--model_name_or_path", str(tiny_ckpt),
+                 "--train_files", str(shapes.train), "--media_root", str(shapes.root), "--use_cpu", "true",
+                 "--bf16", "false"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return dict(line.split(None, 1) for line in out.out.strip().splitlines())

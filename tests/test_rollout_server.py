@@ -206,17 +206,14 @@ def test_vllm_rollouts_sync_and_sample(tiny_ckpt, encoder, mp4_path, tmp_path, m
     if not torch.cuda.is_available():
         pytest.skip("vLLM rollouts need a CUDA GPU")
     import gc
-    import socket
-
     import torch.distributed as dist
 
+    from test_train_grpo import _free_port
     from ume_train.vllm_rollouts import VLLMRollouts
 
-    with socket.socket() as s:  # torchrun's variables for this test only (external_launcher reads them)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # torchrun's variables for this test only (external_launcher reads them)
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port)).items():
+                           MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(key, value)
     try:
         _check_vllm_rollouts(VLLMRollouts, tiny_ckpt, encoder, mp4_path, tmp_path)
@@ -253,15 +250,13 @@ def test_rollout_server_command(tiny_ckpt, encoder, capsys):
     """`ume-train rollout-server` in its own process: a trainer-side client finds it, checks the
     model and gets the rollouts that sampling on the same weights gives; bad options exit 1."""
     import os
-    import socket
     import subprocess
     import sys
 
+    from test_train_grpo import _free_port
     from ume_train.rollout_client import ServerRollouts
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     cli = [sys.executable, "-m", "ume_train.cli", "rollout-server", "--model", str(tiny_ckpt), "--engine", "transformers"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     from ume_train.cli import main
@@ -373,8 +368,6 @@ def test_fsdp1_wrapped_models_are_refused_and_bad_headers_get_400(server):
 def test_concurrent_requests_share_one_engine_call_and_a_bad_one_fails_alone(server, policy, encoder):
     """Requests that wait while the engine is busy go together in its next call, each gets
     exactly its own rollouts; a request the engine chokes on fails alone."""
-    import threading
-
     from ume_train.rollout_client import RolloutServerError, ServerRollouts
 
     client = ServerRollouts(server.url, max_new_tokens=6, connect_timeout=10)
@@ -393,17 +386,7 @@ def test_concurrent_requests_share_one_engine_call_and_a_bad_one_fails_alone(ser
             results[i] = exc
 
     calls = server.sampler.engine_calls
-    with server.sampler.engine_lock:  # the engine is busy: all three queue up
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for _ in range(200):
-            if len(server.sampler._pending) == 3:
-                break
-            threading.Event().wait(0.05)
-        assert len(server.sampler._pending) == 3
-    for t in threads:
-        t.join(timeout=60)
+    _post_while_engine_busy(server, [lambda i=i: post(i) for i in range(3)])
     # one merged call (fails on the broken prompt), then the three retried one by one
     assert server.sampler.engine_calls == calls + 4
     assert results[0] == _local(policy, encoder, [prompts[0]], [3], max_new_tokens=6, num_generations=2)
@@ -413,8 +396,6 @@ def test_concurrent_requests_share_one_engine_call_and_a_bad_one_fails_alone(ser
 
 
 def test_merged_requests_are_served_in_one_call(server, policy, encoder):
-    import threading
-
     from ume_train.rollout_client import ServerRollouts
 
     client = ServerRollouts(server.url, max_new_tokens=5, connect_timeout=10)
@@ -422,17 +403,26 @@ def test_merged_requests_are_served_in_one_call(server, policy, encoder):
     prompts = [encoder.preparer.prepare(Item(text=t)) for t in ("one", "two", "three", "four")]
     results: dict[int, object] = {}
     calls = server.sampler.engine_calls
-    with server.sampler.engine_lock:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.generate([prompts[i]], 2, [i])))
-                   for i in range(4)]
-        for t in threads:
-            t.start()
-        for _ in range(200):
-            if len(server.sampler._pending) == 4:
-                break
-            threading.Event().wait(0.05)
-    for t in threads:
-        t.join(timeout=60)
+    _post_while_engine_busy(server, [lambda i=i: results.__setitem__(i, client.generate([prompts[i]], 2, [i]))
+                                     for i in range(4)])
     assert server.sampler.engine_calls == calls + 1
     for i in range(4):
         assert results[i] == _local(policy, encoder, [prompts[i]], [i], max_new_tokens=5, num_generations=2)
+
+
+def _post_while_engine_busy(server, posts) -> None:
+    """Run each ``post`` in its own thread while the server's engine is held, so that all of
+    them are queued when it frees up; wait for them to finish."""
+    import threading
+    import time
+
+    with server.sampler.engine_lock:
+        threads = [threading.Thread(target=post) for post in posts]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(server.sampler._pending) < len(posts) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.sampler._pending) == len(posts)
+    for t in threads:
+        t.join(timeout=60)

@@ -227,16 +227,10 @@ def test_shipped_grpo_configs_dry_run(name, tiny_ckpt, shapes, monkeypatch, caps
     """The GRPO recipes parse, validate and pass the dry run; the plan names who samples rollouts."""
     import importlib.util
 
-    from ume_train.cli import main
+    from helpers import recipe_dry_run
     from ume_train.data.records import read_records
 
-    monkeypatch.chdir(ROOT)
-    code = main(["grpo", "--config", f"examples/train/{name}", "--dry-run", "--model_name_or_path", str(tiny_ckpt),
-                 "--train_files", str(shapes.train), "--media_root", str(shapes.root), "--use_cpu", "true",
-                 "--bf16", "false"])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    plan = dict(line.split(None, 1) for line in out.out.strip().splitlines())
+    plan = recipe_dry_run("grpo", name, tiny_ckpt, shapes, monkeypatch, capsys)
     assert plan["records"] == str(len(read_records(shapes.train, require_reasoning=False).records))
     if name == "grpo_2b_vllm.yaml":
         installed = importlib.util.find_spec("vllm") is not None

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import recipe_dry_run
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -240,15 +242,7 @@ def test_config_validation():
 @pytest.mark.parametrize("name", ["sft_2b_zero3.yaml", "sft_7b_zero3.yaml", "sft_2b_fsdp.yaml", "sft_tiny_cpu.yaml"])
 def test_shipped_configs_dry_run(name, tiny_ckpt, shapes, monkeypatch, capsys):
     """The example recipes parse, validate, and pass the dry run (data and launcher files read)."""
-    from ume_train.cli import main
-
-    monkeypatch.chdir(ROOT)
-    code = main(["sft", "--config", f"examples/train/{name}", "--dry-run", "--model_name_or_path", str(tiny_ckpt),
-                 "--train_files", str(shapes.train), "--media_root", str(shapes.root), "--use_cpu", "true",
-                 "--bf16", "false"])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    plan = dict(line.split(None, 1) for line in out.out.strip().splitlines())
+    plan = recipe_dry_run("sft", name, tiny_ckpt, shapes, monkeypatch, capsys)
     assert plan["records"] == "96" and plan["bad_records_skipped"] == "0"
 
 

@@ -96,7 +96,6 @@ def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int 
     return out
 
 
-
 class _Progress(TrainerCallback):
     """A readable progress line per trainer log (the demo's output is for people)."""
 

@@ -122,7 +122,7 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.encoder = UMEEncoder(model, processor, num_video_frames=args.num_video_frames,
                                   max_new_tokens=args.eval_max_new_tokens)
-        self.rollouts = rollouts or self._default_rollouts(model, processor, args)
+        self.rollouts = rollouts or self._default_rollouts(model, processor, self.encoder.token_ids, args)
         funcs = list(reward_funcs or []) + [load_reward_fn(s) for s in args.extra_reward_funcs]
         weights = list(args.extra_reward_weights) or [1.0] * len(funcs)
         if len(weights) != len(funcs):
@@ -140,9 +140,8 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
         self._synced_step: int | None = None  # the step whose weights the rollout generator holds
 
     @staticmethod
-    def _default_rollouts(model: nn.Module, processor: Any, args: GRPOConfig) -> RolloutGenerator:
+    def _default_rollouts(model: nn.Module, processor: Any, token_ids: Any, args: GRPOConfig) -> RolloutGenerator:
         """The generator ``args.rollout_backend`` names."""
-        token_ids = UMEEncoder(model, processor).token_ids
         sampling = dict(max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p)
         if args.rollout_backend == "server":
             from .rollout_client import ServerRollouts
