@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import LogitsProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+# Runs that a test compares number for number use this many torch threads, every one of them:
+# float reductions are ordered by the thread count, so two runs agree bit for bit only when
+# their counts agree (a pytest-xdist worker has 1 thread, a bare subprocess has one per core).
+COMPARED_RUN_THREADS = 1
 
 # Written out by hand from shared/UME-R1.md, independently of ume_retriever.model.prompt.
 GEN_PROMPT_TEXT = (
@@ -130,3 +143,46 @@ def recipe_dry_run(command: str, recipe: str, tiny_ckpt, shapes, monkeypatch, ca
     out = capsys.readouterr()
     assert code == 0, out.err
     return dict(line.split(None, 1) for line in out.out.strip().splitlines())
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a compared run in a subprocess: the project importable, offline,
+    ``COMPARED_RUN_THREADS`` torch threads (torch and torchrun read OMP_NUM_THREADS)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": str(COMPARED_RUN_THREADS), "MKL_NUM_THREADS": str(COMPARED_RUN_THREADS)}
+
+
+def run_worker(script: str, *args: str, nproc: int = 1, cwd: Path | None = None, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """``tests/workers/SCRIPT ARGS`` as a compared run: a plain ``python`` process, or ``nproc``
+    processes under torchrun (gloo on CPU), always with ``worker_env()``."""
+    if nproc == 1:
+        launch = [sys.executable, str(WORKERS / script)]
+    else:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                  "--master_port", str(free_port()), str(WORKERS / script)]
+    proc = subprocess.run([*launch, *map(str, args)], env=worker_env(), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@contextmanager
+def compared_run_threads() -> Iterator[None]:
+    """Run the body of an in-process compared run with ``COMPARED_RUN_THREADS`` torch threads
+    (and put the worker's own count back after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(COMPARED_RUN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

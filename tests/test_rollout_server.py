@@ -208,12 +208,12 @@ def test_vllm_rollouts_sync_and_sample(tiny_ckpt, encoder, mp4_path, tmp_path, m
     import gc
     import torch.distributed as dist
 
-    from test_train_grpo import _free_port
+    from helpers import free_port
     from ume_train.vllm_rollouts import VLLMRollouts
 
     # torchrun's variables for this test only (external_launcher reads them)
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
+                           MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(key, value)
     try:
         _check_vllm_rollouts(VLLMRollouts, tiny_ckpt, encoder, mp4_path, tmp_path)
@@ -248,17 +248,17 @@ def _check_vllm_rollouts(VLLMRollouts, tiny_ckpt, encoder, mp4_path, tmp_path): 
 @pytest.mark.slow
 def test_rollout_server_command(tiny_ckpt, encoder, capsys):
     """`ume-train rollout-server` in its own process: a trainer-side client finds it, checks the
-    model and gets the rollouts that sampling on the same weights gives; bad options exit 1."""
-    import os
+    model and gets the rollouts that sampling on the same weights gives (both sides with the
+    same thread count); bad options exit 1."""
     import subprocess
     import sys
 
-    from test_train_grpo import _free_port
+    from helpers import compared_run_threads, free_port, worker_env
     from ume_train.rollout_client import ServerRollouts
 
-    port = _free_port()
+    port = free_port()
     cli = [sys.executable, "-m", "ume_train.cli", "rollout-server", "--model", str(tiny_ckpt), "--engine", "transformers"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = worker_env()
     from ume_train.cli import main
 
     assert main([*cli[3:], "--tensor-parallel-size", "2"]) == 1
@@ -270,8 +270,9 @@ def test_rollout_server_command(tiny_ckpt, encoder, capsys):
         assert client.info["engine"] == "transformers" and client.info["model"] == str(tiny_ckpt)
         client.check_model(encoder.model.config)
         prompts = [encoder.preparer.prepare(Item(text="a blue square"))]
-        assert client.generate(prompts, 2, [5]) == _local(encoder.model, encoder, prompts, [5], max_new_tokens=6,
-                                                          num_generations=2)
+        served = client.generate(prompts, 2, [5])
+        with compared_run_threads():
+            assert served == _local(encoder.model, encoder, prompts, [5], max_new_tokens=6, num_generations=2)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -286,19 +287,10 @@ def test_config_names_a_wrong_rollout_backend(tmp_path, tiny_ckpt):
 
 @pytest.mark.slow
 def test_two_processes_sync_once_and_sample_the_synced_weights(server, tiny_ckpt, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from helpers import run_worker
 
-    from test_train_grpo import _free_port
-
-    root = Path(__file__).resolve().parents[1]
     updates = server.health()["weight_updates"]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), str(root / "tests" / "workers" / "server_sync.py"), str(tiny_ckpt), server.url,
-                    str(tmp_path / "out")], check=True, env=env, cwd=tmp_path, timeout=300)
+    run_worker("server_sync.py", tiny_ckpt, server.url, tmp_path / "out", nproc=2, cwd=tmp_path)
     assert server.health()["weight_updates"] == updates + 1  # process 0 sent, process 1 only gathered
     from transformers import Qwen2VLForConditionalGeneration
 

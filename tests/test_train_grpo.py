@@ -3,18 +3,11 @@ two-process equivalence of rewards and loss."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKERS = Path(__file__).resolve().parent / "workers"
+from helpers import run_worker
 
 
 def test_format_reward_hand_values():
@@ -198,23 +191,12 @@ class ForceScript:
         return forced
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tiny_ckpt, shapes, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = str(WORKERS / "grpo_step.py")
-    sys.path.insert(0, str(WORKERS))
-    import grpo_step
-
-    grpo_step.main(str(tiny_ckpt), str(shapes.train), str(tmp_path / "one.pt"))  # one process: this one
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), script, str(tiny_ckpt), str(shapes.train), str(tmp_path / "two.pt")],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
+    """2 + 2 records on two ranks == 4 on one (rewards, loss, gradients; 1e-5). Both sides run
+    through the same worker with the same thread count."""
+    run_worker("grpo_step.py", tiny_ckpt, shapes.train, tmp_path / "one.pt", cwd=tmp_path)
+    run_worker("grpo_step.py", tiny_ckpt, shapes.train, tmp_path / "two.pt", nproc=2, cwd=tmp_path)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     torch.testing.assert_close(two["rewards"], one["rewards"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(two["loss"], one["loss"], atol=1e-5, rtol=1e-5)

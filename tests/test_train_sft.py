@@ -4,21 +4,13 @@ checkpoint round trip, resume after kill -9, and the CLI's dry run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import recipe_dry_run
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKERS = Path(__file__).resolve().parent / "workers"
+from helpers import recipe_dry_run, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -103,23 +95,12 @@ def test_training_forward_matches_plain_model(model_and_processor, shapes):
     assert float(out.ce_sum) == pytest.approx(ce_sum, rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_global_batch(shapes, tmp_path):
-    """gloo, CPU, torchrun: 4 + 4 pairs on two ranks == 8 pairs on one (loss and gradients, 1e-5)."""
-    sys.path.insert(0, str(WORKERS))
-    import sft_grads
-
-    sft_grads.main(str(shapes.train), str(tmp_path / "one.pt"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(_free_port()), str(WORKERS / "sft_grads.py"), str(shapes.train),
-                    str(tmp_path / "two.pt")], check=True, env=env, cwd=tmp_path, timeout=300)
+    """gloo, CPU, torchrun: 4 + 4 pairs on two ranks == 8 pairs on one (loss and gradients, 1e-5).
+    Both sides run through the same worker with the same thread count."""
+    run_worker("sft_grads.py", shapes.train, tmp_path / "one.pt", cwd=tmp_path)
+    run_worker("sft_grads.py", shapes.train, tmp_path / "two.pt", nproc=2, cwd=tmp_path)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     torch.testing.assert_close(two["logged"], one["logged"], atol=1e-5, rtol=1e-5)
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 10
@@ -193,28 +174,27 @@ def test_lora_trains_adapters_and_saves_merged_weights(tiny_ckpt, shapes, tmp_pa
 @pytest.mark.slow
 def test_resume_after_kill_continues_the_same_run(tiny_ckpt, shapes, tmp_path):
     """A run killed (SIGKILL) right after its step-2 checkpoint, resumed, ends where an
-    uninterrupted run ends."""
+    uninterrupted run ends (all three runs: the same worker, the same thread count)."""
     config = tmp_path / "run.yaml"
     config.write_text("\n".join([
         f"model_name_or_path: {tiny_ckpt}", f"train_files: [{shapes.train}]", "per_device_train_batch_size: 4",
         "max_steps: 4", "save_steps: 2", "learning_rate: 0.001", "use_cpu: true", "logging_steps: 1",
         "freeze_vision_tower: false", "seed: 0", "disable_tqdm: true", "report_to: none",
     ]))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(WORKERS / "sft_kill.py"), str(config), "--output_dir",
-                               str(tmp_path / out), *extra], env=env, capture_output=True, text=True, timeout=300)
+    def run(out: str, *extra: str):
+        return run_worker("sft_kill.py", config, "--output_dir", tmp_path / out, *extra, check=False)
 
-    sys.path.insert(0, str(WORKERS))
-    import sft_kill
-
-    sft_kill.main([str(config), "--output_dir", str(tmp_path / "whole")])  # uninterrupted, in this process
+    whole = run("whole")  # uninterrupted
+    assert whole.returncode == 0, whole.stderr[-2000:]
     killed = run("killed", "--kill_at_step", "2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "checkpoint-4").exists()
     resumed = run("killed", "--resume_from_checkpoint", "true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps_run = {name: [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("step ")]
+                 for name, proc in (("whole", whole), ("killed", killed), ("resumed", resumed))}
+    assert steps_run == {"whole": [1, 2, 3, 4], "killed": [1, 2], "resumed": [3, 4]}  # resumed, not restarted
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "whole" / "model.safetensors")

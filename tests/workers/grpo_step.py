@@ -15,16 +15,7 @@ import torch
 import torch.distributed as dist
 
 
-def main(*args: str) -> None:
-    # Also called in-process by the tests: leave torch's global determinism flag as it was.
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        _main(*args)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _main(ckpt: str, data: str, out: str) -> None:
+def main(ckpt: str, data: str, out: str) -> None:
     from ume_train.config import GRPOConfig
     from ume_train.data.records import read_records
     from ume_train.grpo import GRPOTrainer

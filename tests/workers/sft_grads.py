@@ -16,16 +16,7 @@ import torch
 import torch.distributed as dist
 
 
-def main(*args: str) -> None:
-    # Also called in-process by the tests: leave torch's global determinism flag as it was.
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        _main(*args)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _main(data: str, out: str) -> None:
+def main(data: str, out: str) -> None:
     from ume_retriever import UMEEncoder
     from ume_retriever.model.tiny import build_random_model
     from ume_train.data.pairs import PairCollator, PairDataset, SideTokenizer

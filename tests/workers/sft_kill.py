@@ -1,5 +1,6 @@
 """Run ``ume-train sft`` from a YAML config, optionally SIGKILLing itself right after the
-checkpoint of a given step (a real kill -9 at a known point).
+checkpoint of a given step (a real kill -9 at a known point). Prints ``step N`` after each
+optimiser step this process ran (so a test can tell a resumed run from a restarted one).
 
     python sft_kill.py CONFIG.yaml [--kill_at_step N] [--resume_from_checkpoint true] [--key value ...]
 """
@@ -24,6 +25,9 @@ def main(argv: list[str]) -> None:
         del argv[i:i + 2]
 
     class KillAfterSave(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            print(f"step {state.global_step}", flush=True)
+
         def on_save(self, args, state, control, **kw):
             if state.global_step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
