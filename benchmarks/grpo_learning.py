@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft_learning import TimedEvaluation  # noqa: E402
 
 from ume_train.config import GRPOConfig  # noqa: E402
-from ume_train.data.records import read_records  # noqa: E402
+from ume_retriever.inputs.records import read_records  # noqa: E402
 from ume_train.data.synthetic import make_dataset  # noqa: E402
 from ume_train.grpo import GRPOTrainer  # noqa: E402
 

@@ -47,9 +47,9 @@ def main() -> None:
 
     from ume_retriever import Item, UMEEncoder
     from ume_retriever.model.tiny import TinyModelSpec, build_tiny_checkpoint
-    from ume_train.rollout_client import ServerRollouts
+    from ume_train.rollouts.client import ServerRollouts
     from ume_train.rollouts import TransformersRollouts
-    from ume_train.weight_sync import load_full_weights, named_full_weights
+    from ume_train.rollouts.weight_sync import load_full_weights, named_full_weights
 
     work = Path(tempfile.mkdtemp(prefix="ume-rollout-bench-"))
     spec = TinyModelSpec(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,

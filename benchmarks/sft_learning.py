@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec  # noqa: E402
 from ume_train import SFTConfig, SFTTrainer  # noqa: E402
 from ume_train.callbacks import TimeBudget  # noqa: E402
-from ume_train.data.records import read_records  # noqa: E402
+from ume_retriever.inputs.records import read_records  # noqa: E402
 from ume_train.data.synthetic import make_dataset  # noqa: E402
 from ume_train.evaluation import retrieval_hit_at_1  # noqa: E402
 

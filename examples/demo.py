@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ume_retriever.cli import first_words  # noqa: E402
 from ume_retriever.previews import preview_path  # noqa: E402
 from ume_retriever.retriever import UMERetriever  # noqa: E402
-from ume_train.data.demo_corpus import QUERIES, DemoQuery, write_demo_corpus  # noqa: E402
+from ume_train.demo.corpus import QUERIES, DemoQuery, write_demo_corpus  # noqa: E402
 
 logger = logging.getLogger("demo")
 
@@ -114,7 +114,7 @@ def main() -> int:
 
     model = args.model
     if model is None:
-        from ume_train.demo_model import default_cache, demo_model
+        from ume_train.demo.model import default_cache, demo_model
 
         if not (default_cache() / "ume_demo_model.json").is_file() or args.retrain:
             logger.info("no cached demo model: training one (%.0f minutes on this CPU, once)", args.train_minutes)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ume_train.data.demo_corpus import QUERIES, write_demo_corpus
+from ume_train.demo.corpus import QUERIES, write_demo_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_demo_model_trains_saves_and_is_cached(tmp_path):
     import torch
 
     from ume_retriever import UMEEncoder
-    from ume_train.demo_model import demo_model, train_demo_model
+    from ume_train.demo.model import demo_model, train_demo_model
 
     out = train_demo_model(tmp_path / "m", minutes=0.05, train_per_scene=1, batch_size=8)
     meta = json.loads((out / "ume_demo_model.json").read_text())

@@ -19,8 +19,8 @@ from ume_retriever import Item
 def server(tiny_ckpt):
     from transformers import AutoConfig
 
-    from ume_train.rollout_server import RolloutServer, TransformersEngine
-    from ume_train.rollout_wire import config_fingerprint
+    from ume_train.rollouts.server import RolloutServer, TransformersEngine
+    from ume_train.rollouts.wire import config_fingerprint
 
     engine = TransformersEngine(str(tiny_ckpt), device="cpu", dtype="float32")
     srv = RolloutServer(engine, model=str(tiny_ckpt), fingerprint=config_fingerprint(AutoConfig.from_pretrained(tiny_ckpt)),
@@ -50,7 +50,7 @@ def _local(policy, encoder, prompts, seeds, max_new_tokens=8, num_generations=3)
 
 
 def test_generate_request_round_trip(encoder, mp4_path, tmp_path):
-    from ume_train.rollout_wire import SamplingRequest, decode_generate_request, encode_generate_request
+    from ume_train.rollouts.wire import SamplingRequest, decode_generate_request, encode_generate_request
 
     prompts = _prompts(encoder, mp4_path, tmp_path)
     sampling = SamplingRequest(num_generations=4, seeds=[1, 2, 3], max_new_tokens=9, temperature=0.7, top_p=0.9)
@@ -72,7 +72,7 @@ def test_generate_request_round_trip(encoder, mp4_path, tmp_path):
 def test_server_rollouts_equal_local_and_follow_the_weight_sync(server, policy, encoder, mp4_path, tmp_path):
     """Same seeds -> the same rollouts as sampling on the policy itself; after the policy changes
     and syncs, the server holds exactly its weights and samples what the changed policy would."""
-    from ume_train.rollout_client import ServerRollouts
+    from ume_train.rollouts.client import ServerRollouts
 
     prompts = _prompts(encoder, mp4_path, tmp_path)
     seeds = [11, 12, 13]
@@ -100,8 +100,8 @@ def test_server_rollouts_equal_local_and_follow_the_weight_sync(server, policy, 
 
 
 def test_server_refuses_another_model_and_bad_requests(server, policy):
-    from ume_train.rollout_client import RolloutServerError, ServerRollouts
-    from ume_train.weight_sync import to_bytes
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
+    from ume_train.rollouts.weight_sync import to_bytes
 
     client = ServerRollouts(server.url, max_new_tokens=4, connect_timeout=10)
     other = copy.deepcopy(policy.config)
@@ -122,7 +122,7 @@ def test_server_refuses_another_model_and_bad_requests(server, policy):
 
 
 def test_client_names_the_missing_server():
-    from ume_train.rollout_client import RolloutServerError, ServerRollouts
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
 
     with pytest.raises(RolloutServerError, match="no rollout server at http://127.0.0.1:9 after 0 s"):
         ServerRollouts("http://127.0.0.1:9", max_new_tokens=4, connect_timeout=0)
@@ -135,7 +135,7 @@ def test_grpo_trains_against_the_server_and_syncs_each_step(server, tiny_ckpt, t
 
     from test_train_grpo import _grpo_args
     from ume_train.data.synthetic import make_dataset
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.grpo import GRPOTrainer
 
     class Snapshots(TrainerCallback):
@@ -165,7 +165,7 @@ def test_grpo_trains_against_the_server_and_syncs_each_step(server, tiny_ckpt, t
 
 
 def test_rollout_from_vllm_matches_the_transformers_convention():
-    from ume_train.vllm_rollouts import rollout_from_vllm
+    from ume_train.rollouts.vllm_engine import rollout_from_vllm
 
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     # stopped on an end-of-turn id vLLM left out: it is added back, the text has no end token
@@ -183,7 +183,7 @@ def test_weight_chunks_and_names_fit_the_checkpoint(tiny_ckpt, policy):
     freshly loaded model of the checkpoint (what the server's engines do)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from ume_train.weight_sync import load_full_weights, named_full_weights, weight_chunks
+    from ume_train.rollouts.weight_sync import load_full_weights, named_full_weights, weight_chunks
 
     chunks = list(weight_chunks(named_full_weights(policy), max_bytes=8192))
     names = [n for c in chunks for n in c]
@@ -209,7 +209,7 @@ def test_vllm_rollouts_sync_and_sample(tiny_ckpt, encoder, mp4_path, tmp_path, m
     import torch.distributed as dist
 
     from helpers import free_port
-    from ume_train.vllm_rollouts import VLLMRollouts
+    from ume_train.rollouts.vllm_engine import VLLMRollouts
 
     # torchrun's variables for this test only (external_launcher reads them)
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -254,7 +254,7 @@ def test_rollout_server_command(tiny_ckpt, encoder, capsys):
     import sys
 
     from helpers import compared_run_threads, free_port, worker_env
-    from ume_train.rollout_client import ServerRollouts
+    from ume_train.rollouts.client import ServerRollouts
 
     port = free_port()
     cli = [sys.executable, "-m", "ume_train.cli", "rollout-server", "--model", str(tiny_ckpt), "--engine", "transformers"]
@@ -301,7 +301,7 @@ def test_two_processes_sync_once_and_sample_the_synced_weights(server, tiny_ckpt
 
 
 def test_a_failed_sync_raises_and_names_the_server(server, policy):
-    from ume_train.rollout_client import RolloutServerError, ServerRollouts
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
 
     client = ServerRollouts(server.url, max_new_tokens=4, connect_timeout=10)
     policy.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))  # a parameter the server lacks
@@ -312,10 +312,9 @@ def test_a_failed_sync_raises_and_names_the_server(server, policy):
 
 
 def test_client_refuses_a_server_that_sizes_images_differently(server, encoder):
-    from ume_retriever.model.encoder import set_pixel_caps
-    from ume_train.rollout_client import ServerRollouts
-    from ume_train.rollout_server import RolloutServer
-    from ume_train.rollout_wire import pixel_caps
+    from ume_retriever.model.checkpoint import pixel_caps, set_pixel_caps
+    from ume_train.rollouts.client import ServerRollouts
+    from ume_train.rollouts.server import RolloutServer
 
     other = copy.deepcopy(encoder.processor)
     set_pixel_caps(other, 64 * 28 * 28, 128 * 28 * 28)
@@ -341,7 +340,7 @@ def test_fsdp1_wrapped_models_are_refused_and_bad_headers_get_400(server):
     import http.client
     from urllib.parse import urlparse
 
-    from ume_train.weight_sync import named_full_weights
+    from ume_train.rollouts.weight_sync import named_full_weights
 
     wrapped = torch.nn.Module()
     wrapped._fsdp_wrapped_module = torch.nn.Linear(2, 2)
@@ -360,7 +359,7 @@ def test_fsdp1_wrapped_models_are_refused_and_bad_headers_get_400(server):
 def test_concurrent_requests_share_one_engine_call_and_a_bad_one_fails_alone(server, policy, encoder):
     """Requests that wait while the engine is busy go together in its next call, each gets
     exactly its own rollouts; a request the engine chokes on fails alone."""
-    from ume_train.rollout_client import RolloutServerError, ServerRollouts
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
 
     client = ServerRollouts(server.url, max_new_tokens=6, connect_timeout=10)
     client.sync_weights(policy)
@@ -388,7 +387,7 @@ def test_concurrent_requests_share_one_engine_call_and_a_bad_one_fails_alone(ser
 
 
 def test_merged_requests_are_served_in_one_call(server, policy, encoder):
-    from ume_train.rollout_client import ServerRollouts
+    from ume_train.rollouts.client import ServerRollouts
 
     client = ServerRollouts(server.url, max_new_tokens=5, connect_timeout=10)
     client.sync_weights(policy)

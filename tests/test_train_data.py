@@ -19,7 +19,7 @@ def _png(path, colour=(255, 0, 0)):
 def test_ume_format_reads_every_media_kind(tmp_path):
     import pymupdf
 
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
 
     _png(tmp_path / "a.png")
     frames = [_png(tmp_path / f"f{i}.png", (10 * i, 0, 0)).name for i in range(4)]
@@ -43,14 +43,15 @@ def test_ume_format_reads_every_media_kind(tmp_path):
     assert [str(p) for p in item.video] == [str(tmp_path / f) for f in frames]
     page = r2.target.to_item(pdf_dpi=72).images[0]
     assert page.size == (200, 100)  # page 1 rendered at 72 dpi
-    assert r0.query.completion().endswith("<gen_emb>")
-    from ume_train.data.records import Side
+    from ume_retriever.inputs.records import Side
+    from ume_train.data.pairs import answer_text
 
-    assert Side(reasoning="<think>a</think><answer> b").completion() == "<think>a</think><answer> b <gen_emb>"
+    assert answer_text(r0.query).endswith("<gen_emb>")
+    assert answer_text(Side(reasoning="<think>a</think><answer> b")) == "<think>a</think><answer> b <gen_emb>"
 
 
 def test_published_flat_format(tmp_path):
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
 
     _png(tmp_path / "img.jpg")
     row = {"qry_text": "<|image_1|>\nRepresent the given image.", "qry_image": "img.jpg", "pos_text": "a red square",
@@ -69,7 +70,7 @@ def test_published_flat_format(tmp_path):
 
 
 def test_bad_records_are_reported_with_file_and_line_never_silently_skipped(tmp_path, caplog):
-    from ume_train.data.records import TooManyBadRecords, read_records
+    from ume_retriever.inputs.records import TooManyBadRecords, read_records
 
     _png(tmp_path / "ok.png")
     good = {"query": {"text": "q", "reasoning": REASONING}, "target": {"image": "ok.png", "reasoning": REASONING}}
@@ -105,7 +106,7 @@ def test_bad_records_are_reported_with_file_and_line_never_silently_skipped(tmp_
 def test_synthetic_split_and_media(tmp_path):
     import decord
 
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.data.synthetic import COLOURS, POSITIONS, SHAPES, all_scenes, make_dataset, split_scenes
 
     seen, heldout = split_scenes(all_scenes(), 0.2, seed=3)

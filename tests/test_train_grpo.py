@@ -96,7 +96,7 @@ def _grpo_args(tmp_path, ckpt, **kw):
 def test_short_run_mechanics(tiny_ckpt, shapes, tmp_path):
     """Parameters change, the reference stays frozen, rewards/KL/clip/length are logged,
     advantages are zero-mean per group, an extra reward plugs in, and no <gen_emb> gives 0."""
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.grpo import GRPOTrainer
 
     seen_columns = {}
@@ -149,7 +149,7 @@ def test_embedding_reward_reaches_rollouts_that_end_in_gen_emb(tiny_ckpt, shapes
     """Scripted completions (a real generate with a logits processor) that follow the format get
     format reward 1 and the embedding reward computed from the policy's own states."""
     from ume_retriever import UMEEncoder
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.grpo import GRPOTrainer
     from ume_train.rewards import embedding_reward
     from ume_train.rollouts import TransformersRollouts
@@ -210,7 +210,7 @@ def test_shipped_grpo_configs_dry_run(name, tiny_ckpt, shapes, monkeypatch, caps
     import importlib.util
 
     from helpers import recipe_dry_run
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
 
     plan = recipe_dry_run("grpo", name, tiny_ckpt, shapes, monkeypatch, capsys)
     assert plan["records"] == str(len(read_records(shapes.train, require_reasoning=False).records))

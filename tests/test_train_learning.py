@@ -12,7 +12,7 @@ def test_short_sft_run_retrieves_far_above_chance(tmp_path):
 
     from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
     from ume_train import SFTConfig, SFTTrainer
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.data.synthetic import make_dataset
     from ume_train.evaluation import retrieval_hit_at_1
 

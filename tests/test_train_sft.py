@@ -59,7 +59,7 @@ def test_training_forward_matches_plain_model(model_and_processor, shapes):
     """disc/gen vectors and the answer CE equal what a plain full forward pass gives."""
     from ume_retriever import UMEEncoder
     from ume_train.data.pairs import PairCollator, PairDataset, SideTokenizer
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.modeling import side_forward
 
     model, processor = model_and_processor

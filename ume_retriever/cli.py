@@ -198,7 +198,7 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
 
 def cmd_search(args: argparse.Namespace, console: Any) -> int:
     from .fusion import Fusion
-    from .retriever import build_query
+    from .inputs.query import build_query
 
     if args.query is None and args.image is None:
         raise CLIError("give a query text, --image FILE, or both")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import os
 import queue
@@ -21,14 +20,15 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
 from .errors import InputError
 from .fusion import Fusion
 from .inputs.item import Item, as_item
-from .model.preprocess import pixel_cap
+from .model.checkpoint import max_image_pixels
+from .model.protocol import EncoderLike
 from .inputs.loaders import FileLoadError, LoadedItem, LoaderConfig, LoadFailure, file_hash, load_file, walk
 from .store import DISC, GEN, FilterSpec, StoredPoint, StoreSchema, VectorQuery, VectorStore, open_store
 
@@ -139,7 +139,7 @@ class UMEIndex:
 
     def __init__(
         self,
-        encoder: Any,
+        encoder: EncoderLike,
         store: VectorStore | str | os.PathLike | None = None,
         *,
         vectors: Sequence[str] = (DISC, GEN),
@@ -163,7 +163,7 @@ class UMEIndex:
         if store is None or isinstance(store, (str, os.PathLike)):
             store = open_store(self.schema, store, url=url, api_key=api_key, collection=collection)
         self.store: VectorStore = store
-        cap = pixel_cap(encoder.processor)
+        cap = max_image_pixels(encoder.processor)
         self.loader = loader or LoaderConfig(pdf_max_pixels=cap)
         if self.loader.pdf_max_pixels is None:
             self.loader = LoaderConfig(**{**self.loader.__dict__, "pdf_max_pixels": cap})

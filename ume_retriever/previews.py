@@ -43,7 +43,12 @@ def preview_path(payload: Mapping[str, Any], cache_dir: str | os.PathLike | None
     if target.is_file():
         return str(target)
     try:
-        image = _render_page(source, int(payload["page"])) if modality == "pdf_page" else _video_frame(source, payload)
+        if modality == "pdf_page":
+            from .inputs.loaders import render_pdf_page
+
+            image = render_pdf_page(Path(source), int(payload["page"]), PREVIEW_DPI, None)
+        else:
+            image = _video_frame(source, payload)
     except Exception as exc:  # noqa: BLE001 - a preview is a convenience: log, never fail a search
         logger.warning("no preview for %s %s: %s", source, payload.get("locator", ""), exc)
         return None
@@ -52,13 +57,6 @@ def preview_path(payload: Mapping[str, Any], cache_dir: str | os.PathLike | None
     image.save(tmp)
     os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
     return str(target)
-
-
-def _render_page(source: str, page: int) -> Image.Image:
-    from .inputs.loaders import open_pdf, render_page
-
-    with open_pdf(Path(source)) as doc:
-        return render_page(doc.load_page(page - 1), PREVIEW_DPI, None)
 
 
 def _video_frame(source: str, payload: Mapping[str, Any]) -> Image.Image:

@@ -12,29 +12,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .fusion import Fusion
 from .index import Hit, IngestReport, UMEIndex
-from .inputs.item import Item, as_item
+from .inputs.query import build_query
+from .model.protocol import EncoderLike
 from .store import DISC, GEN, FilterSpec
 
 if TYPE_CHECKING:
     from .integrations.langchain import UMERetriever as LangChainRetriever
     from .integrations.llama_index import UMERetriever as LlamaIndexRetriever
-
-
-def build_query(query: Any = None, image: Any = None) -> Item:
-    """A query ``Item`` from text (or any input ``as_item`` accepts) and/or an image.
-
-    ``image`` (a path, PIL image or bytes) joins the text as one multimodal query.
-    """
-    if image is None:
-        if query is None:
-            raise ValueError("a query needs text, an image, or both")
-        return as_item(query)
-    if query is None:
-        return Item(image=image)
-    item = as_item(query)
-    if item.image is not None or item.images:
-        raise ValueError("the query already holds an image: pass image= only with a text query")
-    return Item(**{**item.__dict__, "image": image})
 
 
 class UMERetriever:
@@ -82,7 +66,7 @@ class UMERetriever:
         return cls(index, k=k, fusion=fusion)
 
     @property
-    def encoder(self) -> Any:
+    def encoder(self) -> EncoderLike:
         return self.index.encoder
 
     def add(self, inputs: Iterable[Any] | str | os.PathLike, *, show_progress: bool = False) -> IngestReport:

@@ -1,16 +1,18 @@
 """ume_train: produce UME-R1 checkpoints that ``ume_retriever`` loads.
 
-SFT (contrastive + reasoning) on transformers' Trainer, so one process, torchrun, accelerate,
-DeepSpeed and FSDP all work. Importing this package is light; the trainers load on first use.
+SFT (contrastive + reasoning) and GRPO (reinforcement learning with the embedding reward) on
+transformers' Trainer, so one process, torchrun, accelerate, DeepSpeed and FSDP all work.
+Importing this package is light; the trainers load on first use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SFTConfig", "SFTTrainer"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "TrainConfig"]
 
-_LAZY = {"SFTConfig": ".config", "SFTTrainer": ".sft"}
+_LAZY = {"TrainConfig": ".config", "SFTConfig": ".config", "SFTTrainer": ".sft", "GRPOConfig": ".config",
+         "GRPOTrainer": ".grpo"}
 
 
 def __getattr__(name: str) -> Any:

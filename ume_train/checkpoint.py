@@ -1,6 +1,6 @@
 """Loading a model to train and saving checkpoints in the layout ``UMEEncoder.from_pretrained`` reads.
 
-The layout is the published one (see ``ume_retriever.model.tiny``): ``config.json``,
+The layout is the published one (see ``ume_retriever.model.checkpoint``): ``config.json``,
 ``model.safetensors``, ``generation_config.json``, tokenizer files,
 ``preprocessor_config.json`` and ``chat_template.json``.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ume_retriever.model.prompt import DISC_TOKEN, GEN_TOKEN, NEW_TOKEN_INIT_SOURCES
-from ume_retriever.model.tiny import save_published_layout
+from ume_retriever.model.checkpoint import save_published_layout, set_pixel_caps
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,6 @@ def load_for_training(
 ) -> tuple[nn.Module, Any]:
     """(model, processor) from a UME-R1 or Qwen2-VL checkpoint; adds the UME tokens when missing."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    from ume_retriever.model.encoder import set_pixel_caps
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         name_or_path, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,

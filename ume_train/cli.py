@@ -77,14 +77,11 @@ def parse_config(cls: type, config: str | None, overrides: list[str], *, without
 
 def dry_run(args: Any) -> dict[str, Any]:
     """Validate everything that can be checked without loading the model; returns the plan."""
-    from .data.records import read_records
+    from .config import GRPOConfig
+    from .data.reading import read_config_records
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    sft = hasattr(args, "query_reasoning_field")
-    fields = dict(query_reasoning_field=args.query_reasoning_field,
-                  target_reasoning_field=args.target_reasoning_field) if sft else {}
-    report = read_records(args.train_files, fmt=args.data_format, media_root=args.media_root,
-                          max_bad_records=args.max_bad_records, require_reasoning=sft, **fields)
+    report = read_config_records(args, args.train_files, require_reasoning=args.trains_on_reasoning)
     deepspeed = args.deepspeed or getattr(args, "deepspeed_file_unvalidated", None)
     if isinstance(deepspeed, str):
         json.loads(Path(deepspeed).read_text())  # a broken file fails here, not on 64 GPUs
@@ -103,7 +100,7 @@ def dry_run(args: Any) -> dict[str, Any]:
         "steps": args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * len(report.records) // per_step),
         "deepspeed": deepspeed, "fsdp": args.fsdp or None, "bf16": args.bf16, "lora": getattr(args, "use_lora", False),
         "output_dir": args.output_dir,
-        **({} if sft else {"rollouts": _rollout_plan(args)}),
+        **({"rollouts": _rollout_plan(args)} if isinstance(args, GRPOConfig) else {}),
     }
 
 
@@ -144,7 +141,7 @@ def run_training(kind: str, args: Any) -> dict[str, Any]:
 
 
 def serve_rollouts(ns: argparse.Namespace) -> None:
-    from .rollout_server import RolloutServer, load_engine
+    from .rollouts.server import RolloutServer, load_engine
 
     options = {"device": ns.device, "dtype": ns.dtype, "gpu_memory_utilization": ns.gpu_memory_utilization,
                "tensor_parallel_size": ns.tensor_parallel_size, "max_model_len": ns.max_model_len,

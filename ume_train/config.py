@@ -1,6 +1,7 @@
 """Trainer configs: dataclasses with help text on every field; ``__post_init__`` validates only.
 
-``SFTConfig`` extends transformers' ``TrainingArguments`` (as TRL's configs do), so every
+``TrainConfig`` holds what both trainers read and checks it; ``SFTConfig`` and ``GRPOConfig``
+extend it. It extends transformers' ``TrainingArguments`` (as TRL's configs do), so every
 launcher option works unchanged: ``deepspeed=...json``, ``fsdp=...``, ``bf16``,
 ``gradient_accumulation_steps``, ``save_steps``, ``resume_from_checkpoint``. YAML files and
 command lines are parsed by ``HfArgumentParser``.
@@ -9,10 +10,11 @@ command lines are parsed by ``HfArgumentParser``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
-from .data.records import FORMATS
+from ume_retriever.inputs.records import FORMATS
 
 ROLLOUT_BACKENDS = ("transformers", "vllm", "server")
 
@@ -22,9 +24,12 @@ def _help(text: str, **kwargs) -> dict:
 
 
 @dataclass
-class SFTConfig(TrainingArguments):
-    """UME-R1 cold-start SFT. Defaults follow the paper (lr 5e-5, cosine, warmup 3%, no weight
-    decay, grad-norm clip 1, loss weights 1, logit scale 50, vision tower frozen)."""
+class TrainConfig(TrainingArguments):
+    """What every UME-R1 trainer reads: the model, the records, media sizes, held-out evaluation,
+    and the checks on them. ``SFTConfig`` and ``GRPOConfig`` add their own fields and defaults."""
+
+    # Whether training reads both sides' reasoning from the records (SFT) or samples its own (GRPO).
+    trains_on_reasoning: ClassVar[bool] = False
 
     model_name_or_path: str | None = field(default=None, **_help(
         "Checkpoint to start from: a UME-R1 checkpoint or a Qwen2-VL one already extended with "
@@ -36,14 +41,42 @@ class SFTConfig(TrainingArguments):
     max_bad_records: int = field(default=0, **_help(
         "How many bad records may be skipped (each is logged with file and line); more is an error."))
     query_reasoning_field: str = field(default="qry_reasoning", **_help(
-        "ume-r1 format: the field holding the query side's reasoning."))
+        "ume-r1 format: the field holding the query side's reasoning (SFT trains on it; GRPO samples its own)."))
     target_reasoning_field: str = field(default="pos_reasoning", **_help(
         "ume-r1 format: the field holding the target side's reasoning."))
-    max_length: int = field(default=4096, **_help("Longest prompt + answer in tokens; longer records are errors."))
+    max_length: int = field(default=4096, **_help("Longest prompt (+ answer, in SFT) in tokens; longer records are errors."))
     min_pixels: int | None = field(default=None, **_help("Image processor min pixels (default: the checkpoint's)."))
     max_pixels: int | None = field(default=None, **_help("Image processor max pixels (default: the checkpoint's)."))
     num_video_frames: int = field(default=8, **_help("Frames sampled uniformly per video."))
     pdf_dpi: int = field(default=144, **_help("Render resolution of PDF pages (then capped by max_pixels)."))
+    model_dtype: str = field(default="auto", **_help(
+        "Weights dtype when loading: auto (bf16 if --bf16, else fp32), float32 or bfloat16."))
+    attn_implementation: str = field(default="sdpa", **_help("Attention kernel: sdpa, eager or flash_attention_2."))
+    eval_files: list[str] = field(default_factory=list, **_help(
+        "Held-out record files: retrieval Hit@1 (gen through real generation) is logged every eval_steps."))
+    eval_max_new_tokens: int = field(default=128, **_help("Generation budget for gen vectors during evaluation."))
+    remove_unused_columns: bool = field(default=False, **_help("Keep all batch fields (ours are not flat tensors)."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data_format not in FORMATS:
+            raise ValueError(f"data_format must be one of {FORMATS}, got {self.data_format!r}")
+        if self.max_bad_records < 0:
+            raise ValueError("max_bad_records must be >= 0")
+        if self.max_length < 16:
+            raise ValueError(f"max_length={self.max_length} cannot hold a UME-R1 prompt")
+        if self.model_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"model_dtype must be auto, float32 or bfloat16, got {self.model_dtype!r}")
+        if self.remove_unused_columns:
+            raise ValueError(f"remove_unused_columns must stay False: {type(self).__name__} batches are not flat tensors")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """UME-R1 cold-start SFT. Defaults follow the paper (lr 5e-5, cosine, warmup 3%, no weight
+    decay, grad-norm clip 1, loss weights 1, logit scale 50, vision tower frozen)."""
+
+    trains_on_reasoning: ClassVar[bool] = True
     cache_tokenized: bool = field(default=False, **_help(
         "Keep tokenised pairs in memory after first use (small datasets, many epochs)."))
     gen_nce_weight: float = field(default=1.0, **_help("Weight of InfoNCE on gen vectors."))
@@ -61,12 +94,6 @@ class SFTConfig(TrainingArguments):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         **_help("LLM modules that get LoRA adapters."))
-    model_dtype: str = field(default="auto", **_help(
-        "Weights dtype when loading: auto (bf16 if --bf16, else fp32), float32 or bfloat16."))
-    attn_implementation: str = field(default="sdpa", **_help("Attention kernel: sdpa, eager or flash_attention_2."))
-    eval_files: list[str] = field(default_factory=list, **_help(
-        "Held-out record files: retrieval Hit@1 (disc and gen, real generation) is logged every eval_steps."))
-    eval_max_new_tokens: int = field(default=128, **_help("Generation budget for gen vectors during evaluation."))
 
     # Paper defaults that differ from TrainingArguments'.
     learning_rate: float = field(default=5e-5, **_help("Peak learning rate (paper: 5e-5)."))
@@ -75,46 +102,26 @@ class SFTConfig(TrainingArguments):
     weight_decay: float = field(default=0.0, **_help("Weight decay (paper: 0)."))
     max_grad_norm: float = field(default=1.0, **_help("Gradient clipping norm (paper: 1)."))
     logging_steps: float = field(default=10, **_help("Log every N steps (every loss term is logged)."))
-    remove_unused_columns: bool = field(default=False, **_help("Keep all batch fields (ours are nested)."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.data_format not in FORMATS:
-            raise ValueError(f"data_format must be one of {FORMATS}, got {self.data_format!r}")
         for name in ("gen_nce_weight", "disc_nce_weight", "query_ce_weight", "target_ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.logit_scale <= 0:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
-        if self.max_bad_records < 0:
-            raise ValueError("max_bad_records must be >= 0")
-        if self.max_length < 16:
-            raise ValueError(f"max_length={self.max_length} cannot hold a UME-R1 prompt")
-        if self.model_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"model_dtype must be auto, float32 or bfloat16, got {self.model_dtype!r}")
         if self.use_lora and self.lora_r <= 0:
             raise ValueError("lora_r must be > 0")
-        if self.remove_unused_columns:
-            raise ValueError("remove_unused_columns must stay False: SFT batches are nested query/target dicts")
 
 
 @dataclass
-class GRPOConfig(TrainingArguments):
+class GRPOConfig(TrainConfig):
     """UME-R1 reinforcement learning (GRPO with the embedding reward). Defaults follow the paper:
     G=8 rollouts per prompt for queries and targets, temperature 1, clip 0.2/0.28, KL 0.04
     (k3) to a frozen copy of the starting model, lr 1e-6, vision tower trainable."""
 
-    model_name_or_path: str | None = field(default=None, **_help("The SFT checkpoint to start from."))
-    train_files: list[str] = field(default_factory=list, **_help("RL record files (JSON/JSONL; reasoning not needed)."))
-    data_format: str = field(default="auto", **_help(f"Record format: one of {FORMATS}."))
-    media_root: str | None = field(default=None, **_help("Folder that relative media paths start from."))
-    max_bad_records: int = field(default=0, **_help("How many bad records may be skipped (each logged)."))
-    eval_files: list[str] = field(default_factory=list, **_help(
-        "Held-out records: gen Hit@1 (real greedy generation) is logged every eval_steps."))
-    eval_max_new_tokens: int = field(default=128, **_help("Generation budget for held-out gen vectors."))
     num_generations: int = field(default=8, **_help("Rollouts G per prompt (for queries and for targets)."))
     max_completion_length: int = field(default=2048, **_help("Most tokens per rollout; also the loss normaliser."))
-    max_length: int = field(default=4096, **_help("Longest prompt in tokens."))
     temperature: float = field(default=1.0, **_help("Rollout sampling temperature."))
     top_p: float = field(default=1.0, **_help("Rollout nucleus sampling."))
     beta: float = field(default=0.04, **_help("KL weight (k3 estimator) to the frozen reference; 0 loads no reference."))
@@ -137,24 +144,15 @@ class GRPOConfig(TrainingArguments):
         "Share of the GPU the colocated vLLM engine may take (the rest is training's)."))
     vllm_max_model_len: int | None = field(default=None, **_help("vLLM context length (default: the model's)."))
     vllm_enforce_eager: bool = field(default=False, **_help("Run vLLM without CUDA graphs (less memory, slower)."))
-    min_pixels: int | None = field(default=None, **_help("Image processor min pixels (default: the checkpoint's)."))
-    max_pixels: int | None = field(default=None, **_help("Image processor max pixels (default: the checkpoint's)."))
-    num_video_frames: int = field(default=8, **_help("Frames sampled uniformly per video."))
-    pdf_dpi: int = field(default=144, **_help("Render resolution of PDF pages."))
-    model_dtype: str = field(default="auto", **_help("auto (bf16 if --bf16, else fp32), float32 or bfloat16."))
-    attn_implementation: str = field(default="sdpa", **_help("Attention kernel: sdpa, eager or flash_attention_2."))
 
     learning_rate: float = field(default=1e-6, **_help("Learning rate (paper: 1e-6)."))
     num_train_epochs: float = field(default=1.0, **_help("Epochs (paper: 1)."))
     logging_steps: float = field(default=1, **_help("Log every N steps."))
-    remove_unused_columns: bool = field(default=False, **_help("Batches are lists of records."))
     dataloader_drop_last: bool = field(default=True, **_help(
         "Equal batches on every process (the embedding reward gathers them)."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.data_format not in FORMATS:
-            raise ValueError(f"data_format must be one of {FORMATS}, got {self.data_format!r}")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2: advantages are normalised within each prompt's group")
         if self.beta < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
@@ -163,9 +161,5 @@ class GRPOConfig(TrainingArguments):
             raise ValueError("max_completion_length must be >= 1")
         if self.extra_reward_weights and len(self.extra_reward_weights) != len(self.extra_reward_funcs):
             raise ValueError("give one extra_reward_weights entry per extra_reward_funcs entry")
-        if self.model_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"model_dtype must be auto, float32 or bfloat16, got {self.model_dtype!r}")
-        if self.remove_unused_columns:
-            raise ValueError("remove_unused_columns must stay False: GRPO batches are lists of records")
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")

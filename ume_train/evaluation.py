@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .data.records import PairRecord
+from ume_retriever.inputs.records import PairRecord
 
 
 def retrieval_hit_at_1(encoder: Any, records: list[PairRecord], modes: Iterable[str] = ("disc", "gen"),

@@ -19,21 +19,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from ume_retriever.inputs.records import PairRecord, RecordError
 from ume_retriever.model.encoder import UMEEncoder
 from ume_retriever.model.preprocess import PreparedInput, collate
 
 from .config import GRPOConfig
-from .data.records import PairRecord, RecordError, read_records
-from .evaluation import retrieval_hit_at_1
 from .losses import world_size
 from .modeling import MODEL_INPUT_KEYS, TrainingWrapper, language_model_parts
 from .rewards import embedding_reward, format_reward, group_advantages
 from .rollouts import RolloutGenerator, TransformersRollouts, rollout_seed
-from .trainer_common import EncoderLayoutCheckpoints, log_with_metrics, resolve_model
+from .trainer_common import UMETrainerMixin, resolve_model
 
 logger = logging.getLogger(__name__)
 RewardFn = Callable[..., list]
@@ -95,11 +93,13 @@ def load_reward_fn(spec: str) -> RewardFn:
     return getattr(importlib.import_module(module), name)
 
 
-class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
+class GRPOTrainer(UMETrainerMixin, Trainer):
     """Train a UME-R1 model with GRPO. ``model``: instance (+ ``processor``) or checkpoint path;
     ``train_dataset``: ``PairRecord``s or None to read ``args.train_files``; ``reward_funcs``:
     extra rewards ``fn(prompts, completions, **columns) -> list[float | None]`` (with
     ``args.extra_reward_weights``, default 1 each)."""
+
+    eval_modes = ("gen",)  # held-out gen Hit@1 (disc vectors are not what RL trains)
 
     def __init__(
         self,
@@ -129,9 +129,9 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
             raise ValueError(f"{len(funcs)} extra reward functions but {len(weights)} weights")
         self.extra_rewards = list(zip(funcs, weights))
         if train_dataset is None:
-            train_dataset = self._read(args.train_files, args)
+            train_dataset = self.read_config_records(args, args.train_files, require_reasoning=False)
         if eval_records is None and args.eval_files:
-            eval_records = self._read(args.eval_files, args)
+            eval_records = self.read_config_records(args, args.eval_files, require_reasoning=False)
         self.eval_records = eval_records
         super().__init__(model=GRPOPolicy(model), args=args, data_collator=lambda records: {"records": records},
                          train_dataset=list(train_dataset), eval_dataset=eval_records, callbacks=callbacks)
@@ -144,13 +144,13 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
         """The generator ``args.rollout_backend`` names."""
         sampling = dict(max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p)
         if args.rollout_backend == "server":
-            from .rollout_client import ServerRollouts
+            from .rollouts.client import ServerRollouts
 
             server = ServerRollouts(args.rollout_server_url, connect_timeout=args.rollout_server_timeout, **sampling)
             server.check_model(model.config, processor)
             return server
         if args.rollout_backend == "vllm":
-            from .vllm_rollouts import VLLMRollouts
+            from .rollouts.vllm_engine import VLLMRollouts
 
             if not args.model_name_or_path:
                 raise ValueError("rollout_backend='vllm' builds its engine from model_name_or_path: set it")
@@ -162,15 +162,6 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
                 seed=args.seed + args.process_index, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                 **sampling)
         return TransformersRollouts(model, processor, token_ids, **sampling)
-
-    @staticmethod
-    def _read(files: list[str], args: GRPOConfig) -> list[PairRecord]:
-        if not files:
-            raise ValueError("no training data: pass train_dataset= or set train_files in the config")
-        report = read_records(files, fmt=args.data_format, media_root=args.media_root, require_reasoning=False,
-                              max_bad_records=args.max_bad_records)
-        logger.info("%s: %s", ", ".join(map(str, files)), report.summary())
-        return report.records
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -301,25 +292,9 @@ class GRPOTrainer(EncoderLayoutCheckpoints, Trainer):
         loss = (losses["query"] + losses["target"]) / 2
         return (loss, out) if return_outputs else loss
 
-    # -- logging and evaluation (as SFT) ----------------------------------------------------------
+    # -- logging (held-out evaluation: UMETrainerMixin) -------------------------------------------
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        log_with_metrics(self, logs)
+    def add_derived_metrics(self, logs: dict[str, float]) -> None:
         fmt = [logs[f"{s}_reward_format"] for s in SIDES if f"{s}_reward_format" in logs]
         if fmt:
             logs["format_rate"] = round(sum(fmt) / len(fmt), 4)
-        super().log(logs, start_time)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        records = eval_dataset if eval_dataset is not None else self.eval_records
-        if not records:
-            return {}
-        was_training = self.trained_model.training
-        self.trained_model.eval()
-        try:
-            metrics = retrieval_hit_at_1(self.encoder, records, modes=("gen",))
-        finally:
-            self.trained_model.train(was_training)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-        self.log(metrics)
-        return metrics

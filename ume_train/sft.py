@@ -12,14 +12,13 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ume_retriever.inputs.records import PairRecord
 from ume_retriever.model.encoder import UMEEncoder
 
 from .config import SFTConfig
 from .data.pairs import PairCollator, PairDataset, SideTokenizer
-from .data.records import PairRecord, read_records
-from .evaluation import retrieval_hit_at_1
 from .modeling import LossWeights, UMETrainingModel
-from .trainer_common import EncoderLayoutCheckpoints, log_with_metrics, resolve_model
+from .trainer_common import UMETrainerMixin, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def apply_lora(model: torch.nn.Module, args: SFTConfig) -> torch.nn.Module:
     return model
 
 
-class SFTTrainer(EncoderLayoutCheckpoints, Trainer):
+class SFTTrainer(UMETrainerMixin, Trainer):
     """Train a UME-R1 model with the SFT loss.
 
     ``model``: a model instance (then pass ``processor``) or a checkpoint name/path (default:
@@ -74,11 +73,11 @@ class SFTTrainer(EncoderLayoutCheckpoints, Trainer):
                                   max_new_tokens=args.eval_max_new_tokens)
         self.side_tokenizer = SideTokenizer(self.encoder.preparer, max_length=args.max_length, pdf_dpi=args.pdf_dpi)
         if train_dataset is None:
-            train_dataset = self.read(args.train_files, args, require_reasoning=True)
+            train_dataset = self.read_config_records(args, args.train_files, require_reasoning=True)
         if not isinstance(train_dataset, PairDataset):
             train_dataset = PairDataset(list(train_dataset), self.side_tokenizer, cache=args.cache_tokenized)
         if eval_records is None and args.eval_files:
-            eval_records = self.read(args.eval_files, args, require_reasoning=False)
+            eval_records = self.read_config_records(args, args.eval_files, require_reasoning=False)
         self.eval_records = eval_records
         weights = LossWeights(args.gen_nce_weight, args.disc_nce_weight, args.query_ce_weight, args.target_ce_weight)
         wrapper = UMETrainingModel(model, weights, args.logit_scale)
@@ -87,42 +86,10 @@ class SFTTrainer(EncoderLayoutCheckpoints, Trainer):
         self.model_accepts_loss_kwargs = False  # our loss is complete; Trainer only divides by GA
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
-    @staticmethod
-    def read(files: list[str], args: SFTConfig, require_reasoning: bool) -> list[PairRecord]:
-        if not files:
-            raise ValueError("no training data: pass train_dataset= or set train_files in the config")
-        report = read_records(files, fmt=args.data_format, media_root=args.media_root,
-                              require_reasoning=require_reasoning, max_bad_records=args.max_bad_records,
-                              query_reasoning_field=args.query_reasoning_field,
-                              target_reasoning_field=args.target_reasoning_field)
-        logger.info("%s: %s", ", ".join(map(str, files)), report.summary())
-        return report.records
-
-    # -- loss and logging ---------------------------------------------------------------------
+    # -- loss (logging and held-out evaluation: UMETrainerMixin) --------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(**inputs)
         for key in ("nce_gen", "nce_disc", "ce_query", "ce_target"):
             self._metrics[key].append(float(out[key]))
         return (out["loss"], out) if return_outputs else out["loss"]
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        log_with_metrics(self, logs)
-        super().log(logs, start_time)
-
-    # -- evaluation: real retrieval, gen through real generation ------------------------------
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        records = eval_dataset if eval_dataset is not None else self.eval_records
-        if not records:
-            return {}
-        model = self.inner_model
-        was_training = model.training
-        model.eval()
-        try:
-            metrics = retrieval_hit_at_1(self.encoder, records, modes=("disc", "gen"))
-        finally:
-            model.train(was_training)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-        self.log(metrics)
-        return metrics

@@ -1,4 +1,5 @@
-"""What the SFT and GRPO trainers share: checkpoints in the encoder's layout, and resuming."""
+"""What the SFT and GRPO trainers share: the model, the records, held-out evaluation, logging,
+checkpoints in the encoder's layout, and resuming (``UMETrainerMixin``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from typing import Any
 
 import torch
 
+from ume_retriever.inputs.records import PairRecord
+
 from .checkpoint import save_checkpoint
+from .data.reading import read_config_records
+from .evaluation import retrieval_hit_at_1
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # LoRA runs keep the adapter next to the merged weights, for resuming
@@ -90,3 +95,41 @@ class EncoderLayoutCheckpoints:
         saved = type(inner).from_pretrained(resume_from_checkpoint, dtype=next(inner.parameters()).dtype)
         inner.load_state_dict(saved.state_dict(), strict=True)
         logger.info("resumed weights from %s", resume_from_checkpoint)
+
+
+class UMETrainerMixin(EncoderLayoutCheckpoints):
+    """A ``Trainer`` mixin for both UME-R1 trainers: reading the config's records, logging the
+    collected metrics with each loss, and ``evaluate`` as held-out retrieval (real generation
+    for gen vectors) in the modes ``eval_modes`` names."""
+
+    eval_modes: tuple[str, ...] = ("disc", "gen")
+    encoder: Any
+    eval_records: list[PairRecord] | None
+    _metrics: dict[str, list[float]]
+
+    @staticmethod
+    def read_config_records(args: Any, files: list[str], *, require_reasoning: bool) -> list[PairRecord]:
+        return read_config_records(args, files, require_reasoning=require_reasoning).records
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        log_with_metrics(self, logs)
+        self.add_derived_metrics(logs)
+        super().log(logs, start_time)
+
+    def add_derived_metrics(self, logs: dict[str, float]) -> None:
+        """Metrics computed from the collected ones, added before logging (none by default)."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        records = eval_dataset if eval_dataset is not None else self.eval_records
+        if not records:
+            return {}
+        model = self.inner_model
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = retrieval_hit_at_1(self.encoder, records, modes=self.eval_modes)
+        finally:
+            model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        return metrics

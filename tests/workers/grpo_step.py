@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 def main(ckpt: str, data: str, out: str) -> None:
     from ume_train.config import GRPOConfig
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.grpo import GRPOTrainer
 
     args = GRPOConfig(output_dir=os.path.join(os.path.dirname(out), "grpo-out"), model_name_or_path=ckpt,

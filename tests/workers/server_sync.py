@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 def main(ckpt: str, url: str, out: str) -> None:
     from ume_retriever import Item, UMEEncoder
-    from ume_train.rollout_client import ServerRollouts
+    from ume_train.rollouts.client import ServerRollouts
     from ume_train.rollouts import TransformersRollouts
 
     dist.init_process_group("gloo")

@@ -20,7 +20,7 @@ def main(data: str, out: str) -> None:
     from ume_retriever import UMEEncoder
     from ume_retriever.model.tiny import build_random_model
     from ume_train.data.pairs import PairCollator, PairDataset, SideTokenizer
-    from ume_train.data.records import read_records
+    from ume_retriever.inputs.records import read_records
     from ume_train.modeling import UMETrainingModel
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1

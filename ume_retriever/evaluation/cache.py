@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..inputs.item import as_item
+from ..model.protocol import EncoderLike
 from ..results import EncodeResult, GenOutcome, GenSample
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class CachedEncoder:
     sampled gen results (keyed by num_samples, temperature, top_p, seed) and encodes the rest.
     Other attributes are the wrapped encoder's. ``save()`` writes the cache (also on ``close``)."""
 
-    def __init__(self, encoder: Any, cache_dir: str | os.PathLike | None = None):
+    def __init__(self, encoder: EncoderLike, cache_dir: str | os.PathLike | None = None):
         self.encoder = encoder
         model_key = f"{encoder.name_or_path}|{getattr(encoder, 'revision', None)}|{encoder.max_new_tokens}"
         digest = hashlib.blake2b(model_key.encode(), digest_size=8).hexdigest()

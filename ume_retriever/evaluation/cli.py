@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..model.encoder import UMEEncoder
-    from ..model.preprocess import pixel_cap
+    from ..model.checkpoint import max_image_pixels
     from .metrics import METRICS
     from .plots import plot_modes, plot_pass_at_k, plot_sweep
     from .runner import evaluate
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     pass_k = [int(k) for k in args.pass_k.split(",") if k.strip()]
     kwargs = {k: getattr(args, k) for k in ("device", "dtype", "batch_size", "max_new_tokens") if getattr(args, k)}
     encoder = UMEEncoder.from_pretrained(args.model, **kwargs)
-    tasks = [load_task(t, args.format, media_root=args.media_root, pdf_max_pixels=pixel_cap(encoder.processor))
+    tasks = [load_task(t, args.format, media_root=args.media_root, pdf_max_pixels=max_image_pixels(encoder.processor))
              for t in args.task]
     results = evaluate(encoder, tasks, cache_dir=args.cache, fusions=args.fusion or ("rrf", "weighted", "dbsf"),
                        pass_k=pass_k, path=args.path, sweep=not args.no_sweep, temperature=args.temperature,

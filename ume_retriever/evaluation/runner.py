@@ -19,6 +19,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from ..fusion import Fusion, fuse_reference
+from ..model.protocol import EncoderLike
 from .cache import CachedEncoder
 from .metrics import DEPTH, METRICS, hit_at_k, score_ranking
 from .tasks import EvalQuery, EvalTask
@@ -50,7 +51,7 @@ class _Vectors:
 
 
 def evaluate_task(
-    encoder: Any,
+    encoder: EncoderLike,
     task: EvalTask,
     *,
     fusions: Sequence[Fusion | str] = ("rrf", "weighted", "dbsf"),
@@ -88,7 +89,7 @@ def evaluate_task(
     return result
 
 
-def _encode(encoder: Any, task: EvalTask, samples: int, temperature: float, seed: int,
+def _encode(encoder: EncoderLike, task: EvalTask, samples: int, temperature: float, seed: int,
             show_progress: bool) -> _Vectors:
     cids, qids = list(task.candidates), [q.id for q in task.queries]
     cands = encoder.encode([task.candidates[c] for c in cids], mode="both", show_progress=show_progress)
@@ -110,7 +111,7 @@ def _encode(encoder: Any, task: EvalTask, samples: int, temperature: float, seed
     return vectors
 
 
-def _index_rankings(encoder: Any, task: EvalTask, modes: list[tuple[str, Fusion]], store: Any,
+def _index_rankings(encoder: EncoderLike, task: EvalTask, modes: list[tuple[str, Fusion]], store: Any,
                     show_progress: bool) -> dict[str, list[list[str]]]:
     from ..index import UMEIndex
     from ..inputs.item import Item
@@ -202,7 +203,7 @@ def _progress(items: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
     return tqdm(items, desc=desc, unit="query")
 
 
-def evaluate(encoder: Any, tasks: Sequence[EvalTask], *, cache_dir: str | None = None, **kwargs: Any) -> list[TaskResult]:
+def evaluate(encoder: EncoderLike, tasks: Sequence[EvalTask], *, cache_dir: str | None = None, **kwargs: Any) -> list[TaskResult]:
     """Every task; vectors cached under ``cache_dir`` (per model and input content)."""
     cached = encoder if isinstance(encoder, CachedEncoder) else CachedEncoder(encoder, cache_dir)
     results = []

@@ -10,8 +10,9 @@ Formats (JSON lines; relative media paths are read from the file's folder, or ``
 - ``mmeb`` (MMEB-V2 style rows): ``qry_text`` (+ ``qry_inst``), ``qry_img_path``,
   ``tgt_text`` and ``tgt_img_path`` (lists; the FIRST target is the positive, the list is the
   query's pool), optional ``tgt_inst``. VLM2Vec's ``<|image_1|>`` placeholders are dropped.
-- ``pairs``: ``ume_train``'s pair records (``query``/``target`` sides, or the published flat
-  ``qry_*``/``pos_*`` fields): every target is a candidate; a query's positive is its target.
+- ``pairs``: the training pair records (``inputs/records.py``: ``query``/``target`` sides, or
+  the published flat ``qry_*``/``pos_*`` fields): every target is a candidate; a query's
+  positive is its target.
 """
 
 from __future__ import annotations
@@ -111,13 +112,9 @@ def _item(row: dict, root: Path, pdf_max_pixels: int | None) -> Item:
         if key in fields:
             fields[key] = _media(fields[key], root)
     if row.get("pdf"):
-        from ..inputs.loaders import open_pdf, render_page
+        from ..inputs.loaders import render_pdf_page
 
-        with open_pdf(root / row["pdf"]) as doc:
-            page = int(row.get("page", 1))
-            if not 1 <= page <= doc.page_count:
-                raise ValueError(f"page {page} of {row['pdf']} does not exist ({doc.page_count} pages)")
-            fields["image"] = render_page(doc.load_page(page - 1), 144, pdf_max_pixels)
+        fields["image"] = render_pdf_page(root / row["pdf"], int(row.get("page", 1)), 144, pdf_max_pixels)
     item = Item(**fields)
     if item.text is None and not item.has_media:
         raise ValueError("empty item: give text, image(s), video or pdf")
@@ -166,10 +163,8 @@ def _add_mmeb_row(task: EvalTask, row: dict, root: Path, lineno: int) -> None:
 
 
 def _from_pairs(path: Path, name: str, root: Path) -> EvalTask:
-    try:
-        from ume_train.data.records import read_records
-    except ImportError as exc:  # the train extra's modules ship in the same distribution
-        raise ValueError(f"the 'pairs' format needs ume_train ({exc})") from None
+    from ..inputs.records import read_records
+
     records = read_records(path, media_root=root, require_reasoning=False).records
     task = EvalTask(name, [])
     for i, record in enumerate(records):

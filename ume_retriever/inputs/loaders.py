@@ -164,6 +164,17 @@ def render_page(page: Any, dpi: int, max_pixels: int | None) -> Image.Image:
     return Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
 
 
+def render_pdf_page(path: Path, page: int, dpi: int, max_pixels: int | None) -> Image.Image:
+    """Page ``page`` (1-based) of the PDF at ``path``, rendered as ``render_page`` does.
+
+    ``FileLoadError`` when the PDF cannot be read, ``ValueError`` when it has no such page.
+    """
+    with open_pdf(Path(path)) as doc:
+        if not 1 <= page <= doc.page_count:
+            raise ValueError(f"page {page} of {path} does not exist ({doc.page_count} pages)")
+        return render_page(doc.load_page(page - 1), dpi, max_pixels)
+
+
 def open_pdf(path: Path) -> Any:
     """Open a PDF for reading pages; ``FileLoadError`` says why it cannot be read."""
     import pymupdf

@@ -7,12 +7,13 @@ import threading
 from typing import Any, Sequence
 
 from ..errors import BatchEncodeError
+from ..model.protocol import EncoderLike
 
 _LOADED: dict[tuple, Any] = {}
 _LOADING = threading.Lock()
 
 
-def shared_encoder(model: Any, encoder_kwargs: dict[str, Any] | None = None) -> Any:
+def shared_encoder(model: Any, encoder_kwargs: dict[str, Any] | None = None) -> EncoderLike:
     """An ``UMEEncoder`` for ``model`` (a hub name, a folder, or an encoder, returned as is).
 
     Loaded checkpoints are shared within the process: frameworks build embedding objects
@@ -31,7 +32,7 @@ def shared_encoder(model: Any, encoder_kwargs: dict[str, Any] | None = None) -> 
         return _LOADED[key]
 
 
-def embed_as_floats(encoder: Any, inputs: Sequence[Any], mode: str, batch_size: int | None) -> list[list[float]]:
+def embed_as_floats(encoder: EncoderLike, inputs: Sequence[Any], mode: str, batch_size: int | None) -> list[list[float]]:
     """One python-float vector per input (disc or gen), in order. If any input fails, all are
     still encoded and ``BatchEncodeError`` lists the failures (with every result attached)."""
     if mode not in ("disc", "gen"):

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from ..fusion import Fusion
 from ..inputs.item import Item
+from ..inputs.query import build_query
+from ..model.protocol import EncoderLike
 from ..previews import preview_path
-from ..retriever import build_query
 from .embedder import embed_as_floats, shared_encoder
 from .hits import hit_metadata, hit_text
 
@@ -55,7 +56,7 @@ class UMEEmbeddings(BaseModel, Embeddings):
         self._encoder = shared_encoder(self.model, self.encoder_kwargs)
 
     @property
-    def encoder(self) -> Any:
+    def encoder(self) -> EncoderLike:
         return self._encoder
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:

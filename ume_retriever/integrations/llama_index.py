@@ -24,8 +24,9 @@ from pydantic import Field, PrivateAttr
 
 from ..fusion import Fusion
 from ..inputs.item import Item
+from ..inputs.query import build_query
+from ..model.protocol import EncoderLike
 from ..previews import preview_path
-from ..retriever import build_query
 from .embedder import embed_as_floats, shared_encoder
 from .hits import hit_metadata, hit_text
 
@@ -62,7 +63,7 @@ class UMEEmbedding(MultiModalEmbedding):
         return "UMEEmbedding"
 
     @property
-    def encoder(self) -> Any:
+    def encoder(self) -> EncoderLike:
         return self._encoder
 
     def _embed(self, items: Sequence[Item]) -> list[Embedding]:

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..inputs.item import InputLike, Item, as_item
 from ..inputs.media import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_NUM_FRAMES
 from ..results import EncodeResult, GenOutcome, GenSample
+from .checkpoint import set_pixel_caps
 from .backends import BatchOutput, GenerationBackend, SamplingParams, TransformersBackend
 from .preprocess import InputPreparer, PreparedInput
 from .tokens import UMETokenIds, resolve_token_ids
@@ -333,23 +334,3 @@ class UMEEncoder:
                         f"no <gen_emb> in the completion ({first.num_tokens} tokens): gen vector "
                         "taken from the last generated step (reference fallback)"
                     )
-
-
-def set_pixel_caps(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Override the image/video processors' pixel caps (``size`` shortest/longest edge, in pixels)."""
-    if min_pixels is None and max_pixels is None:
-        return
-    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
-        raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}")
-    for sub in (getattr(processor, "image_processor", None), getattr(processor, "video_processor", None)):
-        if sub is None or getattr(sub, "size", None) is None:
-            continue
-        size = {k: v for k, v in dict(sub.size).items() if v is not None}
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
-        try:
-            sub.size = type(sub.size)(**size)
-        except TypeError:
-            sub.size = size

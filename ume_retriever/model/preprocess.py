@@ -20,6 +20,7 @@ from PIL import Image
 from ..errors import InputError
 from ..inputs.item import Item
 from ..inputs.media import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_NUM_FRAMES, blank_image, load_image, load_video
+from .checkpoint import max_image_pixels
 from .prompt import build_messages
 from .tokens import UMETokenIds
 
@@ -91,7 +92,7 @@ class InputPreparer:
         try:
             text = str(item.instruction or "") + str(item.text or "")
             tokens = len(text) // 4
-            cap = pixel_cap(self.processor)
+            cap = max_image_pixels(self.processor)
             for src in item.all_images():
                 tokens += _image_pixels(src, cap) // (28 * 28)
             if item.video is not None:
@@ -179,13 +180,6 @@ class InputPreparer:
         prepared.truncated = True
         prepared.warnings.append(message)
         return prepared
-
-
-def pixel_cap(processor: Any) -> int:
-    """The image processor's max pixels per image."""
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
-    cap = getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
-    return int(cap or 28 * 28 * 1280)
 
 
 def _image_pixels(src: Any, cap: int) -> int:

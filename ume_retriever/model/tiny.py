@@ -16,10 +16,10 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import chat_template, save_published_layout
 from .prompt import DISC_TOKEN, GEN_TOKEN, GENERATION_PROMPT, NEW_TOKEN_INIT_SOURCES, SYSTEM_MESSAGE
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,6 @@ def _train_tokenizer(vocab_size: int):
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
     return tokenizer
-
-
-def chat_template() -> str:
-    """The Qwen2-VL chat template (shipped as a file next to this module)."""
-    return resources.files(__package__).joinpath("chat_template.jinja").read_text()
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -230,23 +225,6 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec |
     model, processor = build_random_model(seed, spec)
     save_published_layout(model, processor, path)
     (path / "ume_tiny_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2))
-    return path
-
-
-def save_published_layout(model: Any, processor: Any, path: str | Path, state_dict: dict | None = None) -> Path:
-    """Write a Qwen2-VL model and its processor as the published checkpoints are laid out.
-
-    Those (saved by transformers 4.x) keep each component in its own file:
-    ``preprocessor_config.json``, tokenizer files, ``chat_template.json``; no
-    ``processor_config.json``. ``ume_train`` saves its checkpoints through this too.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-    processor.image_processor.save_pretrained(path)
-    processor.tokenizer.save_pretrained(path)
-    template = getattr(processor, "chat_template", None) or chat_template()
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
     return path
 
 

@@ -15,11 +15,17 @@ from typing import Any
 import torch
 
 from ume_retriever.errors import InputError
+from ume_retriever.inputs.records import PairRecord, RecordError, Side
 from ume_retriever.model.preprocess import InputPreparer, PreparedInput, collate
-
-from .records import PairRecord, RecordError, Side
+from ume_retriever.model.prompt import GEN_TOKEN
 
 IGNORE_INDEX = -100
+
+
+def answer_text(side: Side) -> str:
+    """The assistant answer a side is trained to produce: its reasoning, ending in ``<gen_emb>``."""
+    text = (side.reasoning or "").strip()
+    return text if text.endswith(GEN_TOKEN) else f"{text} {GEN_TOKEN}"
 
 
 @dataclass
@@ -52,10 +58,10 @@ class SideTokenizer:
             prompt = self.preparer.prepare(item)
         except (InputError, ValueError, OSError) as exc:
             raise RecordError(where, f"{name}: {exc}") from None
-        answer = self.tokenizer(side.completion(), add_special_tokens=False)["input_ids"] + [self.end_of_turn]
+        answer = self.tokenizer(answer_text(side), add_special_tokens=False)["input_ids"] + [self.end_of_turn]
         answer_ids = torch.tensor(answer, dtype=torch.long)
         gen_hits = (answer_ids == self.preparer.token_ids.gen).nonzero()
-        if len(gen_hits) == 0:  # cannot happen: completion() appends the token
+        if len(gen_hits) == 0:  # cannot happen: answer_text() appends the token
             raise RecordError(where, f"{name}: the answer has no <gen_emb> token")
         full = prompt.extended(answer_ids)
         if len(full) > self.max_length:
@@ -64,9 +70,9 @@ class SideTokenizer:
         return TrainingSide(full, answer_start=len(prompt), gen_index=len(prompt) + int(gen_hits[0, 0]))
 
     def preparer_pixel_cap(self) -> int:
-        from ume_retriever.model.preprocess import pixel_cap
+        from ume_retriever.model.checkpoint import max_image_pixels
 
-        return pixel_cap(self.preparer.processor)
+        return max_image_pixels(self.preparer.processor)
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -24,11 +24,11 @@ from ume_retriever.model.preprocess import PreparedInput
 from ume_retriever.model.tokens import UMETokenIds
 from ume_retriever.model.vllm_backend import multimodal_data
 
-from .rollouts import Rollout
+from .generator import Rollout
 from .weight_sync import named_full_weights, weight_chunks
 
 logger = logging.getLogger(__name__)
-EXTENSION = "ume_train.vllm_rollouts.WeightLoaderExtension"
+EXTENSION = "ume_train.rollouts.vllm_engine.WeightLoaderExtension"
 
 
 class WeightLoaderExtension:

@@ -1,4 +1,4 @@
-"""``ServerRollouts``: GRPO rollouts from a ``ume-train rollout-server`` (see ``rollout_server``).
+"""``ServerRollouts``: GRPO rollouts from a ``ume-train rollout-server`` (see ``server``).
 
 Every training process posts its own prompts (the server merges what arrives together).
 ``sync_weights`` streams the policy's full weights in safetensors chunks, two in flight: all
@@ -20,10 +20,11 @@ from typing import Any
 
 from torch import nn
 
+from ume_retriever.model.checkpoint import pixel_caps
 from ume_retriever.model.preprocess import PreparedInput
 
-from .rollout_wire import SamplingRequest, config_fingerprint, decode_rollouts, encode_generate_request, pixel_caps
-from .rollouts import Rollout
+from .generator import Rollout
+from .wire import SamplingRequest, config_fingerprint, decode_rollouts, encode_generate_request
 from .weight_sync import DEFAULT_CHUNK_BYTES, named_full_weights, to_bytes, weight_chunks
 
 logger = logging.getLogger(__name__)

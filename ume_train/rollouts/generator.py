@@ -5,8 +5,8 @@ encoder's own backend, so rollouts are decoded exactly as gen vectors are at ser
 Each prompt's G rollouts are drawn with a seed derived from (run seed, step, side, global
 prompt index): the same prompt gets the same rollouts however the batch is split across
 processes, which makes runs reproducible and lets the distributed test compare exactly.
-Other generators: ``vllm_rollouts.VLLMRollouts`` (a vLLM engine per training process) and
-``rollout_client.ServerRollouts`` (a ``ume-train rollout-server``); ``GRPOConfig.rollout_backend``
+Other generators: ``vllm_engine.VLLMRollouts`` (a vLLM engine per training process) and
+``client.ServerRollouts`` (a ``ume-train rollout-server``); ``GRPOConfig.rollout_backend``
 picks one, and the trainer calls ``sync_weights`` once per optimiser step before sampling.
 """
 

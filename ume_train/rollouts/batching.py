@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .rollout_wire import SamplingRequest
-from .rollouts import Rollout
+from .generator import Rollout
+from .wire import SamplingRequest
 
 logger = logging.getLogger(__name__)
 

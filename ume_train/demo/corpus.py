@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .synthetic import Scene, add_pdf_page, draw_scene, video_frames, write_mp4
+from ..data.synthetic import Scene, add_pdf_page, draw_scene, video_frames, write_mp4
 
 IMAGE_SIZE = 28  # the demo model's image size: one visual token per image
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ume_retriever.model.preprocess import PreparedInput
 
-from .rollouts import Rollout
+from .generator import Rollout
 from .weight_sync import from_bytes, to_bytes
 
 
@@ -94,14 +94,3 @@ def config_fingerprint(config: Any) -> dict[str, Any]:
         "num_hidden_layers": getattr(text, "num_hidden_layers", None),
         "vision_depth": getattr(vision, "depth", None),
     }
-
-
-def pixel_caps(processor: Any) -> dict[str, list]:
-    """The image/video processors' [min, max] pixels: what decides an image's visual-token grid."""
-    caps = {}
-    for name in ("image_processor", "video_processor"):
-        size = getattr(getattr(processor, name, None), "size", None)
-        if size is not None:
-            size = dict(size)
-            caps[name] = [size.get("shortest_edge"), size.get("longest_edge")]
-    return caps

@@ -6,13 +6,13 @@
 Why our own small server rather than ``vllm serve``: the UME prompt must reach the engine exactly
 as the encoder builds it (its OpenAI routes would re-render it through a chat template), and
 vLLM's HTTP weight-update routes are a development-mode API that changed shape in each of its
-recent releases. This server uses vLLM's offline API only (see ``vllm_rollouts``).
+recent releases. This server uses vLLM's offline API only (see ``vllm_engine``).
 
 Routes: ``GET /health`` (engine, model, config fingerprint, updates so far); ``POST /generate``
-(a ``rollout_wire`` request -> JSON rollouts); ``POST /update_weights`` (a safetensors chunk of
+(a ``wire`` request -> JSON rollouts); ``POST /update_weights`` (a safetensors chunk of
 full weights by parameter name); ``POST /finish_weight_update``. The engine runs one call
 at a time (engines are not thread-safe); generate requests that arrive meanwhile are merged
-into its next call (``rollout_batching``). A bad request gets a 400 with the reason and the
+into its next call (``batching``). A bad request gets a 400 with the reason and the
 server stays up.
 ``--engine transformers`` samples with transformers ``generate`` instead (CPU or one GPU).
 """
@@ -28,9 +28,11 @@ from typing import Any, Protocol
 
 import torch
 
-from .rollout_batching import BatchingSampler
-from .rollout_wire import config_fingerprint, decode_generate_request, encode_rollouts, pixel_caps
-from .rollouts import Rollout, TransformersRollouts
+from ume_retriever.model.checkpoint import pixel_caps, set_pixel_caps
+
+from .batching import BatchingSampler
+from .generator import Rollout, TransformersRollouts
+from .wire import config_fingerprint, decode_generate_request, encode_rollouts
 from .weight_sync import from_bytes, load_full_weights
 
 logger = logging.getLogger(__name__)
@@ -79,10 +81,9 @@ def load_engine(model_path: str, engine: str, **kwargs: Any) -> tuple[RolloutEng
     if engine == "vllm":
         from transformers import AutoProcessor, GenerationConfig
 
-        from ume_retriever.model.encoder import set_pixel_caps
         from ume_retriever.model.tokens import resolve_token_ids
 
-        from .vllm_rollouts import VLLMRollouts
+        from .vllm_engine import VLLMRollouts
 
         processor = AutoProcessor.from_pretrained(model_path)
         set_pixel_caps(processor, kwargs.get("min_pixels"), kwargs.get("max_pixels"))

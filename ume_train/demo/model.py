@@ -6,7 +6,7 @@ with the UME-R1 SFT loss on shape scenes as images, mp4 videos and PDF pages (al
 ``SFTTrainer``, the same path as a real run). It is cached: the first call trains (minutes),
 later calls return the folder.
 
-    from ume_train.demo_model import demo_model
+    from ume_train.demo.model import demo_model
     path = demo_model()              # ~/.cache/ume/demo-model-v1 (or $UME_CACHE/demo-model-v1)
 """
 
@@ -53,13 +53,13 @@ def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int 
     import torch
     from transformers import PrinterCallback
 
+    from ume_retriever.inputs.records import read_records
     from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
 
-    from .callbacks import TimeBudget
-    from .config import SFTConfig
-    from .data.records import read_records
-    from .data.synthetic import make_dataset
-    from .sft import SFTTrainer
+    from ..callbacks import TimeBudget
+    from ..config import SFTConfig
+    from ..data.synthetic import make_dataset
+    from ..sft import SFTTrainer
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
-"""Training records: query/target pairs with media and reasoning, read from JSON or JSONL files.
+"""Pair records: query/target pairs with media and reasoning, read from JSON or JSONL files.
 
-Two formats are read (both documented in the README):
+Training reads them (``ume_train``) and so does evaluation (``ume-eval``'s ``pairs`` format):
+the format lives here, below both. Two formats are read (docs/training.md):
 
 - ``ume`` (ours): one JSON object per line, ``{"query": SIDE, "target": SIDE}`` where SIDE has
   ``text``, ``image`` | ``images`` | ``video`` (a file or a list of frame files) | ``pdf`` +
@@ -26,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ume_retriever.inputs.item import Item
-from ume_retriever.model.prompt import GEN_TOKEN
+from .item import Item
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +60,12 @@ class Side:
     instruction: str | None = None
     reasoning: str | None = None
 
-    def completion(self) -> str:
-        """The assistant answer the model is trained to produce, ending in ``<gen_emb>``."""
-        text = (self.reasoning or "").strip()
-        return text if text.endswith(GEN_TOKEN) else f"{text} {GEN_TOKEN}"
-
     def to_item(self, pdf_dpi: int = 144, pdf_max_pixels: int | None = None) -> Item:
         images: list[Any] = list(self.images)
         if self.pdf is not None:
-            from ume_retriever.inputs.loaders import open_pdf, render_page
+            from .loaders import render_pdf_page
 
-            with open_pdf(Path(self.pdf)) as doc:
-                if not 1 <= (self.page or 0) <= doc.page_count:
-                    raise ValueError(f"{self.pdf} has {doc.page_count} pages, page {self.page} asked")
-                images.insert(0, render_page(doc.load_page(self.page - 1), pdf_dpi, pdf_max_pixels))
+            images.insert(0, render_pdf_page(Path(self.pdf), self.page or 0, pdf_dpi, pdf_max_pixels))
         return Item(text=self.text or None, images=images or None, video=self.video, instruction=self.instruction)
 
     def media(self) -> list[str]:
