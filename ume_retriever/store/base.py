@@ -8,8 +8,7 @@ the same ``Filter`` and ``Fusion`` into their engine's types and run fusion in t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol, Sequence
-
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from ..errors import UMEError
 from ..fusion import Fusion
@@ -128,6 +127,27 @@ def weighted_queries(queries: Sequence[VectorQuery], fusion: Fusion) -> list[tup
     if not kept:
         raise ValueError("every query vector has weight 0")
     return kept
+
+
+def paged_payloads(fetch_page: Callable[[Any], tuple[Sequence[Any], Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(id, payload)`` of every record of a paged scroll. ``fetch_page(offset)`` returns one
+    page of engine records (with ``id`` and ``payload``) and the next offset, None at the end."""
+    offset = None
+    while True:
+        records, offset = fetch_page(offset)
+        for r in records:
+            yield str(r.id), dict(r.payload or {})
+        if offset is None:
+            return
+
+
+def attach_query_scores(hits: Sequence[StoredHit], per_query: Iterable[Iterable[Any]]) -> None:
+    """Append to each hit its score for each query, from one list of engine points (``id``,
+    ``score``) per query; a hit that a query's list lacks gets None."""
+    for points in per_query:
+        by_id = {str(p.id): float(p.score) for p in points}
+        for h in hits:
+            h.query_scores.append(by_id.get(h.id))
 
 
 def classify_conditions(flt: FilterSpec) -> Iterator[tuple[str, str, Any]]:

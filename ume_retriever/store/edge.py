@@ -19,7 +19,7 @@ import numpy as np
 from ..fusion import Fusion
 from .base import (
     INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, SchemaMismatchError, StoredHit, StoredPoint, StoreLockedError,
-    StoreSchema, VectorQuery, classify_conditions, weighted_queries,
+    StoreSchema, VectorQuery, attach_query_scores, classify_conditions, paged_payloads, weighted_queries,
 )
 
 logger = logging.getLogger(__name__)
@@ -144,16 +144,13 @@ class EdgeStore:
         return {str(r.id) for r in records}
 
     def scroll(self, flt: FilterSpec | None, fields: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-        offset = None
-        while True:
+        def page(offset: Any) -> tuple[Sequence[Any], Any]:
             with self._mutex:
-                records, offset = self._shard.scroll(self._qe.ScrollRequest(
+                return self._shard.scroll(self._qe.ScrollRequest(
                     offset=offset, limit=512, filter=self._filter(flt), with_payload=list(fields) or False,
                     with_vector=False))
-            for r in records:
-                yield str(r.id), dict(r.payload or {})
-            if offset is None:
-                return
+
+        return paged_payloads(page)
 
     def count(self, flt: FilterSpec | None = None) -> int:
         with self._mutex:
@@ -197,10 +194,7 @@ class EdgeStore:
                             query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using))
             for q in queries
         ]
-        for results in self._shard.query_batch(qe.QueryBatchRequest(requests)):
-            by_id = {str(r.id): float(r.score) for r in results}
-            for h in hits:
-                h.query_scores.append(by_id.get(h.id))
+        attach_query_scores(hits, self._shard.query_batch(qe.QueryBatchRequest(requests)))
 
     def optimize(self) -> None:
         """Build the HNSW indexes (do it once after a large ingest, not per batch)."""

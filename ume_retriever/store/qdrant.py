@@ -17,7 +17,7 @@ import numpy as np
 from ..fusion import Fusion
 from .base import (
     INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, StoredHit, StoredPoint, StoreLockedError, StoreSchema, VectorQuery,
-    classify_conditions, weighted_queries,
+    attach_query_scores, classify_conditions, paged_payloads, weighted_queries,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,16 +156,12 @@ class QdrantStore:
         return {str(r.id) for r in records}
 
     def scroll(self, flt: FilterSpec | None, fields: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-        offset = None
-        while True:
+        def page(offset: Any) -> tuple[Sequence[Any], Any]:
             with self._mutex:
-                records, offset = self.client.scroll(self.collection, scroll_filter=self._filter(flt), limit=512,
-                                                     offset=offset, with_payload=list(fields) or False,
-                                                     with_vectors=False)
-            for r in records:
-                yield str(r.id), dict(r.payload or {})
-            if offset is None:
-                return
+                return self.client.scroll(self.collection, scroll_filter=self._filter(flt), limit=512, offset=offset,
+                                          with_payload=list(fields) or False, with_vectors=False)
+
+        return paged_payloads(page)
 
     def count(self, flt: FilterSpec | None = None) -> int:
         with self._mutex:
@@ -205,10 +201,7 @@ class QdrantStore:
                            with_payload=False)
             for q in queries
         ]
-        for response in self.client.query_batch_points(self.collection, requests):
-            by_id = {str(p.id): float(p.score) for p in response.points}
-            for h in hits:
-                h.query_scores.append(by_id.get(h.id))
+        attach_query_scores(hits, (response.points for response in self.client.query_batch_points(self.collection, requests)))
 
     def optimize(self) -> None:
         """Nothing to do: a server builds its indexes itself; local mode has none."""
