@@ -180,26 +180,40 @@ def test_search_while_ingesting(encoder, tmp_path):
 
 
 CHILD = """
-import sys, os
+import sys, os, json
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
-from ume_retriever import UMEEncoder, UMEIndex, Item
+from ume_retriever import UMEEncoder, UMEIndex
 enc = UMEEncoder.from_pretrained(sys.argv[1], device="cpu", dtype=torch.float32, max_new_tokens=4)
 idx = UMEIndex(enc, sys.argv[2], batch_size=2)
-upsert = idx.store.upsert
-def logged(points):
-    upsert(points)
-    print("upserted", len(points), flush=True)
-idx.store.upsert = logged
-print("ready", flush=True)
 report = idx.add([sys.argv[3]])
-print("done", len(report.indexed), len(report.unchanged), flush=True)
+points = {pid: p["locator"] + "|" + (p.get("text") or "") for pid, p in idx.store.scroll({"kind": "item"}, ["locator", "text"])}
+print(json.dumps({"indexed": len(report.indexed), "unchanged": len(report.unchanged),
+                  "failed": [e.reason for e in report.failed], "points": points}), flush=True)
 """
 
 
+def _ingest_child(tiny_ckpt, store, corpus, script, fault=None):
+    """One ingest in its own process, optionally killed at a fault-injection point (UME_FAULT)."""
+    env = {k: v for k, v in os.environ.items() if k != "UME_FAULT"}
+    if fault:
+        env["UME_FAULT"] = fault
+    return subprocess.run([sys.executable, str(script), str(tiny_ckpt), str(store), str(corpus)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _child_result(proc):
+    import json
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_kill_9_mid_ingest_then_resume(tiny_ckpt, tmp_path, encoder):
-    """SIGKILL a real ingest at several points; each restart must converge to exactly the items."""
+def test_kill_9_mid_ingest_then_resume(tiny_ckpt, tmp_path):
+    """SIGKILL a real ingest at each fault-injection point (after an item upsert, after the stale
+    delete, before the manifest write, inside store creation); every restart converges to exactly
+    the items, and so does a CHANGED file killed half-way through its new points."""
     corpus = tmp_path / "many"
     corpus.mkdir()
     make_pdf(corpus / "a.pdf", [f"page {i}" for i in range(5)])
@@ -208,33 +222,27 @@ def test_kill_9_mid_ingest_then_resume(tiny_ckpt, tmp_path, encoder):
     store = tmp_path / "crash-store"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    args = [sys.executable, str(script), str(tiny_ckpt), str(store), str(corpus)]
-    for kill_after in (1, 3, 4):  # upsert lines seen before the kill
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-        seen = 0
-        for line in proc.stdout:
-            if line.startswith("upserted"):
-                seen += 1
-                if seen == kill_after:
-                    time.sleep(0.05 * kill_after)  # land somewhere inside the next batch's work
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-            if line.startswith("done"):
-                break
-        proc.wait()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    done = [line for line in proc.stdout.splitlines() if line.startswith("done")][0].split()
-    assert int(done[1]) + int(done[2]) == 10  # every item accounted for in the last run
-    idx = UMEIndex(encoder, store)
-    assert idx.count() == 10
-    expected_pages = {f"page={i}" for i in range(1, 6)}
-    hits = idx.search("x", k=20, fusion="disc")
-    locators = sorted(h.payload["locator"] for h in hits)
-    assert len(hits) == 10 and {l for l in locators if l} == expected_pages
-    assert len({h.id for h in hits}) == 10
-    assert len(idx.add([corpus]).unchanged) == 10  # manifests complete: nothing to redo
-    idx.close()
+    kills = ["after_item_upsert:1", "after_item_upsert:1", "after_stale_delete:1",
+             "before_manifest_write:1"]
+    for fault in kills:
+        proc = _ingest_child(tiny_ckpt, store, corpus, script, fault)
+        assert proc.returncode == -signal.SIGKILL, (fault, proc.returncode, proc.stderr[-2000:])
+    first = _child_result(_ingest_child(tiny_ckpt, store, corpus, script))
+    assert first["failed"] == [] and first["indexed"] + first["unchanged"] == 10  # every item accounted for
+    pages = sorted(v for v in first["points"].values() if v.startswith("page="))
+    assert len(first["points"]) == 10 and pages == [f"page={i + 1}|page {i}" for i in range(5)]
+    again = _child_result(_ingest_child(tiny_ckpt, store, corpus, script))
+    assert (again["indexed"], again["unchanged"]) == (0, 10)  # manifests complete: nothing to redo
+
+    # A changed file (4 new pages) killed after its first new points are in: the restart ends
+    # with the new version only, no point of the old one left.
+    make_pdf(corpus / "a.pdf", [f"new page {i}" for i in range(4)])
+    killed = _ingest_child(tiny_ckpt, store, corpus, script, "after_item_upsert:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    final = _child_result(_ingest_child(tiny_ckpt, store, corpus, script))
+    pages = sorted(v for v in final["points"].values() if v.startswith("page="))
+    assert pages == [f"page={i + 1}|new page {i}" for i in range(4)] and len(final["points"]) == 9
+    assert _child_result(_ingest_child(tiny_ckpt, store, corpus, script))["indexed"] == 0
 
 
 def test_encrypted_and_truncated_files_are_reported(index, tmp_path):

@@ -14,11 +14,11 @@ PACKAGES = ("ume_retriever", "ume_train")
 
 # ume_retriever's layers, lowest first; a module may import its own layer and those below.
 LAYERS = [
-    ("ground", ("errors", "results", "fusion")),
+    ("ground", ("errors", "results", "fusion", "faults")),
     ("inputs", ("inputs",)),
     ("store", ("store",)),
     ("model", ("model",)),
-    ("index", ("index", "previews")),
+    ("index", ("index", "previews", "ingest_journal")),
     # the framework adapters sit on the index and the encoder; the facade hands them out
     ("adapters", ("integrations",)),
     ("facade", ("retriever",)),

@@ -1,16 +1,23 @@
 """``UMEIndex``: files and items in, disc + gen vectors side by side in a store, fused search out.
 
 Ingest is idempotent and crash-safe: a point's id is a UUID of (source, locator, content
-hash, vector set), so re-adding never duplicates; unchanged content is found by id (and, for
-files, by a per-file manifest written last) without running the model; a changed file's old
-points are deleted once its new ones are in. A run killed at any moment and started again
-ends with exactly one point per item.
+hash, vector set, encoder settings), so re-adding never duplicates; unchanged content is found
+by id (and, for files, by a per-file manifest written last, which also records the loader and
+encoder settings: a change of either re-indexes the file) without running the model; a changed
+file's old points are deleted once its new ones are in. A run killed at any moment and started
+again ends with exactly one point per item.
+
+Failures never stop an ingest: one bad file is one failed entry (with its reason) and the rest
+goes on. A file that fails after it was indexed keeps its last good version searchable; its
+manifest records the failure (``ume info`` lists such stale sources). A file that was being
+decoded when the process died (a decoder crash) is quarantined by the ingest journal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -25,17 +32,29 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from .errors import InputError
+from .faults import fault_point
 from .fusion import Fusion
+from .ingest_journal import IngestJournal, journal_path
+from .inputs import decode_guard
 from .inputs.item import Item, as_item
-from .model.checkpoint import max_image_pixels
+from .inputs.loaders import (
+    FileLoadError, LoadedItem, LoaderConfig, LoadFailure, Skipped, file_hash, load_file, printable_path, walk,
+)
+from .model.checkpoint import max_image_pixels, pixel_caps
 from .model.protocol import EncoderLike
-from .inputs.loaders import FileLoadError, LoadedItem, LoaderConfig, LoadFailure, file_hash, load_file, walk
 from .store import DISC, GEN, FilterSpec, StoredPoint, StoreSchema, VectorQuery, VectorStore, open_store
 
 logger = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4b7e-9a55-3f2f6c1e9b10")
-Status = Literal["indexed", "unchanged", "failed"]
+Status = Literal["indexed", "unchanged", "failed", "skipped", "removed"]
+# Payload text kept per point (the full text is still what the model embeds): a 10 MB text
+# file must not become a 10 MB payload (a Qdrant server refuses requests above 32 MB).
+MAX_PAYLOAD_TEXT_CHARS = 16_384
+# Points per upsert are cut so that one request stays well under a Qdrant server's 32 MB limit.
+MAX_UPSERT_BYTES = 8 * 1024 * 1024
+# An ingest that writes at least this many points builds the store's HNSW indexes at its end.
+OPTIMIZE_AFTER_POINTS = 1_000
 
 
 @dataclass
@@ -54,6 +73,7 @@ class IngestReport:
     entries: list[IngestEntry] = field(default_factory=list)
     deleted_stale: int = 0
     seconds: float = 0.0
+    optimized: bool = False  # the store's vector indexes were (re)built at the end
 
     def _with(self, status: str) -> list[IngestEntry]:
         return [e for e in self.entries if e.status == status]
@@ -70,10 +90,22 @@ class IngestReport:
     def failed(self) -> list[IngestEntry]:
         return self._with("failed")
 
+    @property
+    def skipped(self) -> list[IngestEntry]:
+        """Paths deliberately not indexed (links out of the folder, FIFOs, ...), with why."""
+        return self._with("skipped")
+
+    @property
+    def removed(self) -> list[IngestEntry]:
+        """Sources whose files are gone, deleted from the index by ``prune``."""
+        return self._with("removed")
+
     def summary(self) -> str:
         lines = [f"indexed {len(self.indexed)}, unchanged {len(self.unchanged)}, failed {len(self.failed)}, "
-                 f"stale points removed {self.deleted_stale} in {self.seconds:.1f}s"]
-        lines += [f"  failed: {e.source}{' ' + e.locator if e.locator else ''}: {e.reason}" for e in self.failed]
+                 f"skipped {len(self.skipped)}, removed {len(self.removed)}, stale points removed "
+                 f"{self.deleted_stale} in {self.seconds:.1f}s"]
+        for e in self.failed + self.skipped + self.removed:
+            lines.append(f"  {e.status}: {e.source}{' ' + e.locator if e.locator else ''}: {e.reason}")
         return "\n".join(lines)
 
 
@@ -101,8 +133,19 @@ class Hit:
         return self.payload.get("page")
 
 
-def point_id(source: str, locator: str, content_hash: str, vectors: Sequence[str]) -> str:
-    return str(uuid.uuid5(_NAMESPACE, f"{source}|{locator}|{content_hash}|{'+'.join(vectors)}"))
+def point_id(source: str, locator: str, content_hash: str, vectors: Sequence[str], settings: str = "") -> str:
+    key = f"{source}|{locator}|{content_hash}|{'+'.join(vectors)}" + (f"|{settings}" if settings else "")
+    return str(uuid.uuid5(_NAMESPACE, key))
+
+
+def encoder_settings(encoder: EncoderLike) -> dict[str, Any]:
+    """What, besides the model and the content, decides an item's vectors."""
+    return {"pixel_caps": pixel_caps(encoder.processor), "max_new_tokens": encoder.max_new_tokens,
+            "num_video_frames": getattr(getattr(encoder, "preparer", None), "num_video_frames", None)}
+
+
+def settings_id(settings: dict[str, Any]) -> str:
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
 def manifest_id(source: str) -> str:
@@ -173,6 +216,9 @@ class UMEIndex:
         if prefetch_factor < 1:
             raise ValueError("prefetch_factor must be >= 1")
         self.prefetch_factor = prefetch_factor
+        self.encoder_settings = encoder_settings(encoder)
+        self.settings_id = settings_id(self.encoder_settings)
+        self.journal = IngestJournal(journal_path(str(getattr(self.store, "location", ":memory:")), collection))
 
     @property
     def mode(self) -> str:
@@ -180,16 +226,35 @@ class UMEIndex:
 
     # -- ingest -------------------------------------------------------------------------------
 
-    def add(self, inputs: Iterable[Any] | str | os.PathLike, *, show_progress: bool = False) -> IngestReport:
-        """Index files, folders and items; return what happened to each."""
+    def add(
+        self,
+        inputs: Iterable[Any] | str | os.PathLike,
+        *,
+        show_progress: bool = False,
+        prune: bool = False,
+        retry_quarantined: bool = False,
+        optimize: bool | None = None,
+    ) -> IngestReport:
+        """Index files, folders and items; return what happened to each.
+
+        ``prune``: also delete the points of files under the given folders that no longer
+        exist (reported as ``removed``). ``retry_quarantined``: try again files an earlier
+        ingest died on while decoding them (otherwise reported as failed until they change).
+        ``optimize``: build the store's vector indexes at the end (None: when this call wrote
+        ``OPTIMIZE_AFTER_POINTS`` points or more).
+        """
         started = time.perf_counter()
         report = IngestReport()
         if isinstance(inputs, (str, os.PathLike, Item)):
             inputs = [inputs]
+        inputs = list(inputs)
+        self.journal.recover()
+        self._retry_quarantined = retry_quarantined
+        previous_watcher = decode_guard.install(self.journal)
         # Bounded (rendered pages wait here), but deep enough for the loader to run a flush ahead.
         work: queue.Queue = queue.Queue(maxsize=2 * self.batch_size * self.flush_batches)
         stop = threading.Event()  # set when this call ends, however it ends: the loader quits
-        loader = threading.Thread(target=self._produce, args=(list(inputs), _Feed(work, stop)), daemon=True)
+        loader = threading.Thread(target=self._produce, args=(inputs, _Feed(work, stop)), daemon=True)
         loader.start()  # loading/rendering overlaps with encoding
         from tqdm.auto import tqdm
 
@@ -218,12 +283,16 @@ class UMEIndex:
                     if kind == "failure":
                         report.entries.append(IngestEntry(payload.source, "", "failed", payload.reason))
                         source_failed.add(payload.source)
+                        self._record_failure(payload.source, payload.reason)
+                    elif kind == "skipped":
+                        report.entries.append(IngestEntry(payload.source, "", "skipped", payload.reason))
                     elif kind == "unchanged":
                         report.entries.extend(payload)
                         bar.update(len(payload))
                     elif kind == "item":
                         loaded: LoadedItem = payload
-                        pid = point_id(loaded.source, loaded.locator, loaded.content_hash, self.vectors)
+                        pid = point_id(loaded.source, loaded.locator, loaded.content_hash, self.vectors,
+                                       self.settings_id)
                         source_ids.setdefault(loaded.source, {})[pid] = loaded.locator
                         pending.append((loaded, pid))
                         # A few batches per encode call (encode() sorts them by length, less padding),
@@ -238,6 +307,13 @@ class UMEIndex:
             finally:
                 stop.set()  # a consumer that raised must not leave the loader blocked on a full queue
                 loader.join()
+                decode_guard.install(previous_watcher)
+        if prune:
+            self._prune(inputs, report)
+        written = len(report.indexed)
+        if optimize or (optimize is None and written >= OPTIMIZE_AFTER_POINTS):
+            self.store.optimize()
+            report.optimized = True
         report.seconds = time.perf_counter() - started
         logger.info("ingest: %s", report.summary())
         return report
@@ -262,12 +338,14 @@ class UMEIndex:
         try:
             for value in inputs:
                 if isinstance(value, (str, os.PathLike)):
-                    for path in walk([value]):
+                    for path in walk([value], follow_symlinks=self.loader.follow_symlinks):
                         if isinstance(path, LoadFailure):
                             out.put(("failure", path))
+                        elif isinstance(path, Skipped):
+                            out.put(("skipped", path))
                         elif str(path) not in seen:
                             seen.add(str(path))
-                            self._produce_file(path, out)
+                            self._produce_file_safely(path, out)
                 else:
                     try:
                         item = as_item(value)
@@ -287,6 +365,16 @@ class UMEIndex:
         with contextlib.suppress(_Stopped):
             out.put(None)
 
+    def _produce_file_safely(self, path: Path, out: "_Feed") -> None:
+        """One file; whatever goes wrong while loading it is that file's failed entry."""
+        try:
+            self._produce_file(path, out)
+        except _Stopped:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MemoryError, a store error, a library's: this file only
+            logger.warning("loading %s failed", printable_path(path), exc_info=True)
+            out.put(("failure", LoadFailure(printable_path(path), f"unexpected {type(exc).__name__} while loading: {exc}")))
+
     def _produce_file(self, path: Path, out: "_Feed") -> None:
         source = str(path)
         try:
@@ -294,27 +382,59 @@ class UMEIndex:
         except OSError as exc:
             out.put(("failure", LoadFailure(source, f"cannot read file ({exc.strerror or exc})")))
             return
+        quarantined = self.journal.quarantine_reason(source, fhash)
+        if quarantined is not None:
+            if not self._retry_quarantined:
+                out.put(("failure", LoadFailure(source, f"quarantined: {quarantined}; it is not opened again "
+                                                        "until it changes, or retry it with add(..., "
+                                                        "retry_quarantined=True) / ume index --retry-quarantined")))
+                return
+            self.journal.release(source)
         unchanged = self._unchanged_file(source, fhash)
         if unchanged is not None:
             out.put(("unchanged", unchanged))
             return
+        self.journal.set_file_hash(source, fhash)
+        count = 0
         try:
             for loaded in load_file(path, self.loader, fhash):
+                count += 1
                 out.put(("item", loaded))
         except FileLoadError as exc:
             out.put(("failure", LoadFailure(source, str(exc))))
             return
+        if count == 0:  # e.g. a video whose headers promise nothing: never "indexed" as empty
+            out.put(("failure", LoadFailure(source, "the file gave no items to index")))
+            return
         out.put(("done", (source, fhash)))
 
+    @property
+    def manifest_settings(self) -> dict[str, Any]:
+        """What a file's manifest must match, besides its content, for the file to be unchanged."""
+        return {"vectors": list(self.vectors), "loader": self.loader.fingerprint(), "encoder": self.settings_id}
+
     def _unchanged_file(self, source: str, fhash: str) -> list[IngestEntry] | None:
-        """Entries for a file whose manifest says it is fully indexed as it is now, else None."""
-        found = self.store.scroll({"source": source, "kind": "manifest"}, ["file_hash", "vectors", "items"])
+        """Entries for a file whose manifest says it is fully indexed as it is now, with these
+        settings, else None."""
+        found = self.store.scroll({"source": source, "kind": "manifest"}, ["file_hash", "settings", "items"])
         for _, manifest in found:
-            if manifest.get("file_hash") == fhash and manifest.get("vectors") == list(self.vectors):
+            if manifest.get("file_hash") == fhash and manifest.get("settings") == self.manifest_settings:
                 items = manifest.get("items", [])
                 if self.store.count({"source": source, "kind": "item"}) == len(items):
                     return [IngestEntry(source, loc, "unchanged", id=pid) for pid, loc in items]
         return None
+
+    def _record_failure(self, source: str, reason: str) -> None:
+        """A file that failed now but was indexed before keeps its last good version, marked in
+        its manifest (``last_error``) so that ``ume info`` can list it as stale."""
+        try:
+            fields = ["kind", "source", "file_hash", "settings", "items"]
+            for _, manifest in self.store.scroll({"source": source, "kind": "manifest"}, fields):
+                manifest.update(last_error=reason, last_error_at=datetime.now(timezone.utc).isoformat())
+                self.store.upsert([StoredPoint(id=manifest_id(source), vectors={}, payload=manifest)])
+                return
+        except Exception:  # noqa: BLE001 - the failure itself is already reported
+            logger.warning("could not mark %s as stale", source, exc_info=True)
 
     def _flush(self, pending: list[tuple[LoadedItem, str]], report: IngestReport, failed: set[str]) -> None:
         """Encode what is not in the store yet, upsert it, and report every item."""
@@ -340,11 +460,18 @@ class UMEIndex:
                 vectors[DISC] = res.disc
             if res.gen is not None:
                 vectors[GEN] = res.gen
+            bad = [name for name, v in vectors.items() if not np.isfinite(v).all()]
+            if bad:  # a broken checkpoint or an fp16 overflow: never store a vector no query can find
+                report.entries.append(IngestEntry(loaded.source, loaded.locator, "failed",
+                                                  f"the model gave a non-finite (NaN/inf) {' and '.join(bad)} vector"))
+                failed.add(loaded.source)
+                continue
+            text, truncated = _payload_text(loaded.text)
             payload = {
                 **{k: v for k, v in loaded.item.metadata.items() if k not in ("source", "locator")},
                 **loaded.fields,
                 "kind": "item", "source": loaded.source, "locator": loaded.locator, "modality": loaded.modality,
-                "text": loaded.text, "reasoning": res.reasoning,
+                "text": text, **({"text_truncated": True} if truncated else {}), "reasoning": res.reasoning,
                 "gen_outcome": res.gen_outcome.value if res.gen_outcome else None,
                 "content_hash": loaded.content_hash, "file_hash": loaded.file_hash,
                 "model": self.schema.model, "revision": self.schema.revision, "vectors": list(self.vectors),
@@ -352,7 +479,22 @@ class UMEIndex:
             }
             points.append(StoredPoint(id=pid, vectors=vectors, payload=payload))
             report.entries.append(IngestEntry(loaded.source, loaded.locator, "indexed", id=pid))
-        self.store.upsert(points)
+        self._upsert(points)
+        fault_point("after_item_upsert")
+
+    def _upsert(self, points: list[StoredPoint]) -> None:
+        """Upsert in requests of at most ``MAX_UPSERT_BYTES`` (as JSON, roughly) each."""
+        batch: list[StoredPoint] = []
+        size = 0
+        for point in points:
+            cost = _point_bytes(point)
+            if batch and size + cost > MAX_UPSERT_BYTES:
+                self.store.upsert(batch)
+                batch, size = [], 0
+            batch.append(point)
+            size += cost
+        if batch:
+            self.store.upsert(batch)
 
     def _finish_sources(self, done: list[tuple[str, str, dict[str, str]]]) -> int:
         """For fully loaded files: delete points that are not current, then write their
@@ -363,13 +505,33 @@ class UMEIndex:
         for source, _, ids in done:
             stale += [pid for pid, _ in self.store.scroll({"source": source, "kind": "item"}, []) if pid not in ids]
         self.store.delete_ids(stale)
-        self.store.upsert([
+        fault_point("after_stale_delete")
+        fault_point("before_manifest_write")
+        self._upsert([
             StoredPoint(id=manifest_id(source), vectors={}, payload={
-                "kind": "manifest", "source": source, "file_hash": fhash, "vectors": list(self.vectors),
+                "kind": "manifest", "source": source, "file_hash": fhash, "settings": self.manifest_settings,
                 "items": sorted([pid, loc] for pid, loc in ids.items())})
             for source, fhash, ids in done
         ])
         return len(stale)
+
+    def _prune(self, inputs: list[Any], report: IngestReport) -> None:
+        """Delete the points of files under the folders in ``inputs`` that no longer exist."""
+        folders = [str(Path(v).expanduser().absolute()) for v in inputs
+                   if isinstance(v, (str, os.PathLike)) and Path(v).expanduser().is_dir()]
+        if not folders:
+            return
+        gone: set[str] = set()
+        for kind in ("manifest", "item"):  # items too: a file deleted before its manifest was written
+            for _, payload in self.store.scroll({"kind": kind}, ["source"]):
+                source = payload.get("source")
+                if (isinstance(source, str) and source not in gone and not os.path.lexists(source)
+                        and any(source.startswith(folder + os.sep) for folder in folders)):
+                    gone.add(source)
+        for source in sorted(gone):
+            items = self.store.count({"source": source, "kind": "item"})
+            self.store.delete_where({"source": source})
+            report.entries.append(IngestEntry(source, "", "removed", f"file no longer exists ({items} items deleted)"))
 
     def optimize(self) -> None:
         """Build the store's vector indexes (after a large ingest)."""
@@ -411,6 +573,10 @@ class UMEIndex:
         sampling = {"num_samples": gen_samples, "temperature": temperature, "seed": seed} if gen_samples > 1 else {}
         res = self.encoder.encode(item, mode=mode, **sampling)
         res.raise_for_error()
+        for name, vector in ((DISC, res.disc), *((GEN, s.vector) for s in res.samples)):
+            if vector is not None and not np.isfinite(np.asarray(vector)).all():
+                raise ValueError(f"the model gave a non-finite (NaN/inf) {name} vector for the query: the checkpoint "
+                                 "or its dtype is broken (try dtype=float32)")
         queries = [VectorQuery(DISC, res.disc)] if res.disc is not None else []
         queries += [VectorQuery(GEN, np.asarray(s.vector)) for s in res.samples]
         factor = prefetch_factor or self.prefetch_factor
@@ -442,6 +608,19 @@ def source_keys(source: str | os.PathLike) -> list[str]:
     if not isinstance(source, os.PathLike) and text not in keys:
         keys.append(text)
     return keys
+
+
+def _payload_text(text: str | None) -> tuple[str | None, bool]:
+    """The text kept in a payload, and whether it was cut to ``MAX_PAYLOAD_TEXT_CHARS``."""
+    if text is None or len(text) <= MAX_PAYLOAD_TEXT_CHARS:
+        return text, False
+    return text[:MAX_PAYLOAD_TEXT_CHARS], True
+
+
+def _point_bytes(point: StoredPoint) -> int:
+    """A point's size in an upsert request, roughly: ~12 JSON bytes per float, its payload."""
+    floats = sum(len(v) for v in point.vectors.values())
+    return 12 * floats + len(json.dumps(point.payload, default=str)) + 64
 
 
 def _modality(item: Item) -> str:

@@ -1,22 +1,29 @@
 """Files to items: PDF pages, images, videos (whole or in clips), text/markdown (whole or chunked).
 
-``load_paths`` walks paths (folders recursively, sorted, symlink loops safe) and yields, per
-file, either ``LoadedItem``s (lazily: a 2,000-page PDF is rendered page by page as consumed)
-or one ``LoadFailure`` with the reason. Nothing is skipped silently.
+``walk`` lists paths (folders recursively, sorted, symlink loops safe); ``load_file`` yields a
+file's ``LoadedItem``s lazily (a 2,000-page PDF is rendered page by page as consumed) or
+raises ``FileLoadError`` with the reason. Nothing is skipped silently: what is not indexed is
+a ``LoadFailure`` (cannot be read) or a ``Skipped`` entry (not followed or not a regular file:
+symbolic links out of the folder, FIFOs, sockets, devices), each with its reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
+from ..errors import InputError
+from .decode_guard import decoding
 from .item import VIDEO_SUFFIXES, Item
+from .media import probe_video
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +40,50 @@ class LoaderConfig:
     (default: the model's image pixel cap, set by the index). text_chunk_chars: None keeps one
     item per text file; a number splits into chunks of about that many characters (cut at
     whitespace) overlapping by ``text_chunk_overlap``. video_clip_seconds: None keeps one item
-    per video; a number splits it into clips of that length.
+    per video; a number splits it into clips of that length (at least ``MIN_CLIP_SECONDS``).
+    text_chunk_overlap: None is 200 characters, or a fifth of the chunk when that is smaller.
+    follow_symlinks: inside a folder, symbolic links that lead out of it are skipped (and
+    reported) unless this is True; a link named directly is always followed.
+    Impossible settings raise ``ValueError`` naming the field when the config is built.
     """
 
     pdf_dpi: int = 144
     pdf_max_pixels: int | None = None
     text_chunk_chars: int | None = None
-    text_chunk_overlap: int = 200
+    text_chunk_overlap: int | None = None
     video_clip_seconds: float | None = None
+    follow_symlinks: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pdf_dpi, int) or self.pdf_dpi <= 0:
+            raise ValueError(f"pdf_dpi must be a positive integer, got {self.pdf_dpi!r}")
+        if self.pdf_max_pixels is not None and self.pdf_max_pixels < 28 * 28:
+            raise ValueError(f"pdf_max_pixels must be at least {28 * 28} (one visual token), got {self.pdf_max_pixels!r}")
+        if self.text_chunk_chars is not None and self.text_chunk_chars <= 0:
+            raise ValueError(f"text_chunk_chars must be > 0 (or None: one item per file), got {self.text_chunk_chars!r}")
+        if self.text_chunk_overlap is None:
+            size = self.text_chunk_chars
+            object.__setattr__(self, "text_chunk_overlap", 200 if size is None else min(200, size // 5))
+        elif self.text_chunk_overlap < 0:
+            raise ValueError(f"text_chunk_overlap must be >= 0, got {self.text_chunk_overlap!r}")
+        if self.text_chunk_chars is not None and self.text_chunk_overlap >= self.text_chunk_chars:
+            raise ValueError(f"text_chunk_overlap ({self.text_chunk_overlap}) must be below text_chunk_chars "
+                             f"({self.text_chunk_chars})")
+        clip = self.video_clip_seconds
+        if clip is not None and not (math.isfinite(clip) and clip >= MIN_CLIP_SECONDS):
+            raise ValueError(f"video_clip_seconds must be at least {MIN_CLIP_SECONDS} (or None: one item per "
+                             f"video), got {clip!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide a file's items (kept in each file's manifest)."""
+        return {"pdf_dpi": self.pdf_dpi, "pdf_max_pixels": self.pdf_max_pixels, "text_chunk_chars": self.text_chunk_chars,
+                "text_chunk_overlap": self.text_chunk_overlap, "video_clip_seconds": self.video_clip_seconds}
+
+
+# A clip shorter than this holds a frame or two: it would not describe anything.
+MIN_CLIP_SECONDS = 0.5
+# A video cut into more clips than this is refused (a clip length far too short for the video).
+MAX_CLIPS_PER_VIDEO = 100_000
 
 
 @dataclass
@@ -63,6 +106,35 @@ class LoadFailure:
     reason: str
 
 
+@dataclass
+class Skipped:
+    """A path deliberately not indexed (a link out of the folder, a FIFO, ...), with why."""
+
+    source: str
+    reason: str
+
+
+def printable_path(path: str | os.PathLike) -> str:
+    """The path as text, undecodable bytes of its name shown as U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _name_problem(path: Path) -> str | None:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (the index stores names as text); rename the file to index it"
+    return None
+
+
+def _special_kind(mode: int) -> str | None:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return None
+
+
 def file_hash(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -79,38 +151,65 @@ def _hash(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
-def walk(paths: Iterable[str | os.PathLike]) -> Iterator[Path | LoadFailure]:
-    """Files under ``paths`` in sorted order; folders recursively; each real folder once."""
+def walk(paths: Iterable[str | os.PathLike], follow_symlinks: bool = False) -> Iterator[Path | LoadFailure | Skipped]:
+    """Regular files under ``paths`` in sorted order (folders recursively, each real folder
+    once), and a ``LoadFailure`` or ``Skipped`` entry for everything else met on the way."""
     seen_dirs: set[str] = set()
     for raw in paths:
         path = Path(raw).expanduser().absolute()
-        if not path.exists():
+        problem = _name_problem(path)
+        if problem:
+            yield LoadFailure(printable_path(path), problem)
+        elif not path.exists():
             yield LoadFailure(str(path), "path does not exist")
         elif path.is_dir():
-            yield from _walk_dir(path, seen_dirs)
+            yield from _walk_dir(path, seen_dirs, os.path.realpath(path), follow_symlinks)
         else:
-            yield path
+            yield _regular_file(path)
 
 
-def _walk_dir(folder: Path, seen: set[str]) -> Iterator[Path | LoadFailure]:
+def _regular_file(path: Path) -> Path | LoadFailure | Skipped:
+    """``path`` if it is a regular file (after links), else why not; never opens it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return LoadFailure(str(path), f"cannot stat file ({exc.strerror or exc})")
+    kind = _special_kind(mode)
+    if kind is not None:
+        return Skipped(str(path), f"{kind}, not a regular file: never opened")
+    return path
+
+
+def _walk_dir(folder: Path, seen: set[str], root: str, follow: bool) -> Iterator[Path | LoadFailure | Skipped]:
     real = os.path.realpath(folder)
     if real in seen:  # a symlink loop or a folder reached twice
         return
     seen.add(real)
     try:
-        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        entries = sorted(folder.iterdir(), key=lambda p: os.fsencode(p.name))
     except OSError as exc:
         yield LoadFailure(str(folder), f"cannot list folder ({exc.strerror or exc})")
         return
     for entry in entries:
         if entry.name.startswith("."):
             continue
+        problem = _name_problem(entry)
+        if problem:
+            yield LoadFailure(printable_path(entry), problem)
+            continue
+        if entry.is_symlink():
+            target = os.path.realpath(entry)
+            if not os.path.exists(target):
+                yield LoadFailure(str(entry), "broken symbolic link")
+                continue
+            if not follow and os.path.commonpath([root, target]) != root:
+                yield Skipped(str(entry), f"symbolic link to {printable_path(target)}, outside {printable_path(root)}: "
+                                          "not followed (follow_symlinks=True / --follow-symlinks to index it)")
+                continue
         if entry.is_dir():
-            yield from _walk_dir(entry, seen)
-        elif entry.is_file():
-            yield entry
-        elif entry.is_symlink():
-            yield LoadFailure(str(entry), "broken symbolic link")
+            yield from _walk_dir(entry, seen, root, follow)
+        else:
+            yield _regular_file(entry)
 
 
 def modality_of(path: Path) -> str | None:
@@ -193,12 +292,15 @@ def open_pdf(path: Path) -> Any:
 
 
 def _pdf_pages(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedItem]:
-    with open_pdf(path) as doc:
+    with decoding(path):
+        doc = open_pdf(path)
+    with doc:
         for number in range(doc.page_count):
             try:
-                page = doc.load_page(number)
-                image = render_page(page, config.pdf_dpi, config.pdf_max_pixels)
-                text = page.get_text().strip()
+                with decoding(path):
+                    page = doc.load_page(number)
+                    image = render_page(page, config.pdf_dpi, config.pdf_max_pixels)
+                    text = page.get_text().strip()
                 chash = _hash(image.tobytes(), str(image.width), str(image.height))
             except Exception as exc:  # noqa: BLE001
                 raise FileLoadError(f"page {number + 1}: cannot render ({exc})") from None
@@ -208,33 +310,41 @@ def _pdf_pages(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedI
             )
 
 
-def _video_clips(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedItem]:
-    try:
-        import decord
-
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        frames, fps = len(reader), reader.get_avg_fps()
-        del reader
-    except Exception as exc:  # noqa: BLE001
-        raise FileLoadError(f"cannot decode video ({type(exc).__name__}: {exc})") from None
-    if frames == 0 or fps <= 0:
-        raise FileLoadError("video has zero frames")
-    duration = frames / fps
-    step = config.video_clip_seconds or duration
-    start = 0.0
+def clip_bounds(duration: float, clip_seconds: float | None) -> list[tuple[float, float]]:
+    """(start, end) seconds of each clip of a video of ``duration`` seconds (one clip if None)."""
+    if not (math.isfinite(duration) and duration > 0):
+        raise FileLoadError(f"video duration is {duration!r} seconds: nothing to index")
+    step = clip_seconds or duration
+    if duration / step > MAX_CLIPS_PER_VIDEO:
+        raise FileLoadError(f"{duration:.1f}s in clips of {step}s is more than {MAX_CLIPS_PER_VIDEO:,} clips")
+    bounds, start = [], 0.0
     while start < duration - 1e-6:
         end = min(duration, start + step)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _video_clips(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedItem]:
+    try:
+        info = probe_video(path)
+    except InputError as exc:
+        raise FileLoadError(exc.reason) from None
+    for start, end in clip_bounds(info.duration, config.video_clip_seconds):
         yield LoadedItem(
             Item(video=path, video_start=start, video_end=end), str(path), f"clip={start:.3f}-{end:.3f}", "video",
             content_hash=_hash(fhash, f"{start:.3f}-{end:.3f}"), file_hash=fhash,
             fields={"clip_start": round(start, 3), "clip_end": round(end, 3)},
         )
-        start = end
 
 
 def _text_chunks(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedItem]:
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:  # valid UTF-8 can hold NULs, text files do not: binary data with a text suffix
+        raise FileLoadError(f"not text: binary data (a NUL byte at byte {nul})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FileLoadError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():

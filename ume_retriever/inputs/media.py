@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +20,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
+from ..faults import fault_point
+from .decode_guard import decoding
 from .item import describe_source
 
 logger = logging.getLogger(__name__)
@@ -142,6 +146,63 @@ def load_video(
     return out
 
 
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file's headers say, read without decoding a frame."""
+
+    width: int
+    height: int
+    frames: int
+    fps: float
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.fps
+
+
+def probe_video(path: Path, what: str | None = None) -> VideoInfo:
+    """Size, frame count and frame rate from the container (PyAV), decoding nothing.
+
+    ``InputError`` when the file cannot be opened, has no video stream, or its frame rate,
+    frame count or size is missing, zero, or not a number.
+    """
+    import av
+
+    what = what or f"video {describe_source(path)}"
+    try:
+        with decoding(path), av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(what, "no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else float("nan")
+            frames = int(stream.frames or 0)
+            if frames == 0 and math.isfinite(fps):  # some containers do not count frames: from the duration
+                seconds = (float(stream.duration * stream.time_base) if stream.duration
+                           else (container.duration or 0) / 1_000_000)
+                frames = int(round(seconds * fps))
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PyAV raises its own error types for broken files
+        raise InputError(what, f"cannot decode video (headers unreadable: {type(exc).__name__}: {exc})") from None
+    if not (math.isfinite(fps) and fps > 0):
+        raise InputError(what, f"frame rate is {fps!r}: not a usable video")
+    if frames <= 0:
+        raise InputError(what, "video has zero frames (zero duration)")
+    if width <= 0 or height <= 0:
+        raise InputError(what, f"video frames are {width}x{height}")
+    return VideoInfo(width, height, frames, fps)
+
+
+def capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most ``max_pixels``; unchanged if within."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(2, int(width * scale)), max(2, int(height * scale))
+
+
 def _read_video_file(
     path: Path, what: str, num_frames: int, start: float | None, end: float | None,
     max_decode_pixels: int,
@@ -154,18 +215,23 @@ def _read_video_file(
         import decord
     except ImportError:
         raise InputError(what, "reading video files needs decord (pip install decord)") from None
+    info = probe_video(path, what)  # the size from the headers: frames are decoded within the cap
+    with decoding(path):
+        fault_point("inside_video_decode")
+        return _decode_frames(path, what, info, num_frames, start, end, max_decode_pixels)
+
+
+def _decode_frames(path: Path, what: str, info: VideoInfo, num_frames: int, start: float | None, end: float | None,
+                   max_decode_pixels: int) -> list[Image.Image]:
+    import decord
+
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        width, height = capped_size(info.width, info.height, max_decode_pixels)
+        size = {} if (width, height) == (info.width, info.height) else {"width": width, "height": height}
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **size)
         total = len(reader)
         if total == 0:
             raise InputError(what, "video has zero frames")
-        height, width = reader[0].shape[:2]
-        if height * width > max_decode_pixels:
-            scale = (max_decode_pixels / (height * width)) ** 0.5
-            reader = decord.VideoReader(
-                str(path), ctx=decord.cpu(0), num_threads=1,
-                width=max(2, int(width * scale)), height=max(2, int(height * scale)),
-            )
         first, last = 0, total - 1
         if start is not None or end is not None:
             fps = reader.get_avg_fps()
