@@ -618,9 +618,9 @@ def _payload_text(text: str | None) -> tuple[str | None, bool]:
 
 
 def _point_bytes(point: StoredPoint) -> int:
-    """A point's size in an upsert request, roughly: ~12 JSON bytes per float, its payload."""
+    """A point's size in a JSON upsert request, from above: at most ~24 bytes per float, its payload."""
     floats = sum(len(v) for v in point.vectors.values())
-    return 12 * floats + len(json.dumps(point.payload, default=str)) + 64
+    return 24 * floats + len(json.dumps(point.payload, default=str)) + 64
 
 
 def _modality(item: Item) -> str:

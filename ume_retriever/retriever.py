@@ -69,9 +69,12 @@ class UMERetriever:
     def encoder(self) -> EncoderLike:
         return self.index.encoder
 
-    def add(self, inputs: Iterable[Any] | str | os.PathLike, *, show_progress: bool = False) -> IngestReport:
-        """Index files, folders and items (see ``UMEIndex.add``); unchanged content is skipped."""
-        return self.index.add(inputs, show_progress=show_progress)
+    def add(self, inputs: Iterable[Any] | str | os.PathLike, *, show_progress: bool = False, prune: bool = False,
+            retry_quarantined: bool = False, optimize: bool | None = None) -> IngestReport:
+        """Index files, folders and items (see ``UMEIndex.add``); unchanged content is skipped.
+        A large ingest ends by building the store's vector indexes (``optimize``)."""
+        return self.index.add(inputs, show_progress=show_progress, prune=prune, retry_quarantined=retry_quarantined,
+                              optimize=optimize)
 
     def delete(self, source: str | os.PathLike) -> int:
         """Remove a source's points; returns how many items it had."""

@@ -212,7 +212,7 @@ def _read_video_file(
     if path.stat().st_size == 0:
         raise InputError(what, "file is empty (0 bytes)")
     try:
-        import decord
+        import decord  # noqa: F401 - only to say clearly when it is missing
     except ImportError:
         raise InputError(what, "reading video files needs decord (pip install decord)") from None
     info = probe_video(path, what)  # the size from the headers: frames are decoded within the cap
