@@ -132,3 +132,59 @@ def test_synthetic_split_and_media(tmp_path):
     shape_px = pixels[(np.abs(pixels - 255).sum(axis=1) > 60)]
     assert np.abs(shape_px.mean(axis=0) - COLOURS[colour]).max() < 30
     assert colour in image_rec.target.reasoning and colour in image_rec.query.reasoning
+
+
+# -- records that pass reading but fail when prepared (issue 14, case 1) -------------------------
+
+def _bad_record_data(tmp_path, kind: str):
+    """Two good pairs and, on line 3, one that passes reading but fails when prepared; the
+    reason the failure must give (a regex)."""
+    import pymupdf
+
+    _png(tmp_path / "ok.png")
+    good = {"query": {"text": "a red square", "reasoning": REASONING}, "target": {"image": "ok.png", "reasoning": REASONING}}
+    if kind == "corrupt_png":  # a real PNG cut in half: its header reads, its pixels do not
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "cut.png")
+        data = (tmp_path / "cut.png").read_bytes()
+        (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+        assert Image.open(tmp_path / "cut.png").size == (64, 64)
+        bad, reason = {**good, "target": {"image": "cut.png", "reasoning": REASONING}}, "target: .*truncated or corrupt"
+    elif kind == "over_long":  # 3,000 words: far above max_length=512 (and not cut by the encoder's own limit)
+        text = " ".join(["red"] * 3000)
+        bad, reason = {**good, "query": {"text": text, "reasoning": REASONING}}, "query: .*max_length=512"
+    else:  # a PDF page past the end
+        doc = pymupdf.open()
+        doc.new_page(width=100, height=100).insert_text((10, 50), "one page")
+        doc.save(tmp_path / "one.pdf")
+        bad = {**good, "target": {"pdf": "one.pdf", "page": 3, "reasoning": REASONING}}
+        reason = "target: page 3 of .*one.pdf does not exist \\(1 pages\\)"
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, good, bad)))
+    return path, reason
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+@pytest.mark.parametrize("kind", ["corrupt_png", "over_long", "pdf_page_past_end"])
+def test_dry_run_finds_records_that_pass_reading_but_fail_to_prepare(kind, command, tiny_ckpt, tmp_path, capsys):
+    """`--dry-run` prepares every record as training will: a record that reads fine but fails to
+    prepare is reported with file:line and reason, and counts against max_bad_records."""
+    import re
+
+    from ume_retriever.inputs.records import read_records
+    from ume_train.cli import main
+
+    path, reason = _bad_record_data(tmp_path, kind)
+    assert len(read_records(path).records) == 3  # reading alone finds nothing wrong
+    argv = [command, "--dry-run", "--output_dir", str(tmp_path / "o"), "--train_files", str(path), "--use_cpu", "true",
+            "--model_name_or_path", str(tiny_ckpt), "--max_length", "512"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "1 bad training records (max_bad_records=0 allows 0)" in err
+    assert re.search(f"{re.escape(str(path))}:3: {reason}", err), err
+    code = main([*argv, "--max_bad_records", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    plan = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert plan["records"] == "2" and plan["bad_records_skipped"] == "1"
+    assert plan["records_prepared"] == f"each of the 3 records prepared with the processor of {tiny_ckpt}"

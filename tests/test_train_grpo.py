@@ -219,3 +219,41 @@ def test_shipped_grpo_configs_dry_run(name, tiny_ckpt, shapes, monkeypatch, caps
         assert plan["rollouts"] == f"vllm, colocated ({'installed' if installed else 'NOT installed here: pip install ume-r1[vllm]'})"
     else:
         assert plan["rollouts"] == "transformers generate on the policy"
+
+
+def test_grpo_run_skips_a_prompt_that_fails_to_prepare_and_reports_it(tiny_ckpt, shapes, tmp_path, caplog):
+    """A target PDF page past the end (it reads; it fails when its prompt is prepared): the two
+    steps run on full batches, the record is logged with file:line and counted."""
+    import json
+
+    import pymupdf
+    from transformers import TrainerCallback
+
+    from ume_train.grpo import GRPOTrainer
+
+    doc = pymupdf.open()
+    doc.new_page(width=100, height=100).insert_text((10, 50), "one page")
+    doc.save(tmp_path / "one.pdf")
+    rows = [json.loads(line) for line in shapes.train.read_text().splitlines()[:3]]
+    for row in rows:
+        row["target"]["image"] = str(shapes.root / row["target"]["image"])
+    rows.insert(1, {**rows[0], "target": {"pdf": str(tmp_path / "one.pdf"), "page": 2}})
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class BatchSizes(TrainerCallback):
+        def __init__(self):
+            self.sizes = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.sizes.append(len(trainer.last_rewards["query"]))
+
+    sizes = BatchSizes()
+    trainer = GRPOTrainer(args=_grpo_args(tmp_path, tiny_ckpt, train_files=[str(path)], max_bad_records=1, beta=0.0),
+                          callbacks=[sizes])
+    trainer.train()
+    assert sizes.sizes == [2 * 4, 2 * 4]  # 2 prompts x G=4 rollouts, both steps
+    where = f"{path}:2"
+    assert list(trainer.bad_records) == [where]
+    assert "page 2 of" in trainer.bad_records[where] and "does not exist (1 pages)" in trainer.bad_records[where]
+    assert any(f"skipping bad record {where}" in r.message for r in caplog.records)

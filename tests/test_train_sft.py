@@ -171,16 +171,34 @@ def test_lora_trains_adapters_and_saves_merged_weights(tiny_ckpt, shapes, tmp_pa
                                loaded.encode(["a blue square"], mode="disc")[0].disc, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_resume_after_kill_continues_the_same_run(tiny_ckpt, shapes, tmp_path):
-    """A run killed (SIGKILL) right after its step-2 checkpoint, resumed, ends where an
-    uninterrupted run ends (all three runs: the same worker, the same thread count)."""
+def _resume_config(tmp_path, tiny_ckpt, shapes):
     config = tmp_path / "run.yaml"
     config.write_text("\n".join([
         f"model_name_or_path: {tiny_ckpt}", f"train_files: [{shapes.train}]", "per_device_train_batch_size: 4",
         "max_steps: 4", "save_steps: 2", "learning_rate: 0.001", "use_cpu: true", "logging_steps: 1",
         "freeze_vision_tower: false", "seed: 0", "disable_tqdm: true", "report_to: none",
     ]))
+    return config
+
+
+def _steps_run(proc) -> list[int]:
+    return [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("step ")]
+
+
+def _assert_same_weights(a_dir, b_dir) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_the_same_run(tiny_ckpt, shapes, tmp_path):
+    """A run killed (SIGKILL) right after its step-2 checkpoint, resumed, ends where an
+    uninterrupted run ends (all three runs: the same worker, the same thread count)."""
+    config = _resume_config(tmp_path, tiny_ckpt, shapes)
 
     def run(out: str, *extra: str):
         return run_worker("sft_kill.py", config, "--output_dir", tmp_path / out, *extra, check=False)
@@ -192,18 +210,75 @@ def test_resume_after_kill_continues_the_same_run(tiny_ckpt, shapes, tmp_path):
     assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "checkpoint-4").exists()
     resumed = run("killed", "--resume_from_checkpoint", "true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    steps_run = {name: [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("step ")]
-                 for name, proc in (("whole", whole), ("killed", killed), ("resumed", resumed))}
+    steps_run = {"whole": _steps_run(whole), "killed": _steps_run(killed), "resumed": _steps_run(resumed)}
     assert steps_run == {"whole": [1, 2, 3, 4], "killed": [1, 2], "resumed": [3, 4]}  # resumed, not restarted
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "whole" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6, msg=name)
+    _assert_same_weights(tmp_path / "whole", tmp_path / "killed")
     state = json.loads((tmp_path / "killed" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_save_resumes_from_the_last_complete_checkpoint(tiny_ckpt, shapes, tmp_path):
+    """kill -9 inside the step-4 save (weights written, trainer state not): resuming skips the
+    partial checkpoint-4, logs it, resumes from checkpoint-2 and ends equal (1e-6, every tensor)
+    to an uninterrupted run. All runs: the same worker, the same thread count."""
+    from ume_train.checkpoint import COMPLETE_MARKER
+
+    config = _resume_config(tmp_path, tiny_ckpt, shapes)
+
+    def run(out: str, *extra: str):
+        return run_worker("sft_kill.py", config, "--output_dir", tmp_path / out, *extra, check=False)
+
+    whole = run("whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run("killed", "--kill_in_save_at_step", "4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial, previous = tmp_path / "killed" / "checkpoint-4", tmp_path / "killed" / "checkpoint-2"
+    # what the kill left: weights of step 4 but no trainer state, no marker; step 2 complete
+    assert (partial / "model.safetensors").is_file() and not (partial / "trainer_state.json").exists()
+    assert not (partial / COMPLETE_MARKER).exists() and (previous / COMPLETE_MARKER).is_file()
+    marker = json.loads((previous / COMPLETE_MARKER).read_text())
+    assert marker["global_step"] == 2
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(marker["files"])
+    assert marker["files"]["model.safetensors"] == (previous / "model.safetensors").stat().st_size
+    resumed = run("killed", "--resume_from_checkpoint", "true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"not resuming from {partial}: no {COMPLETE_MARKER}" in resumed.stderr
+    assert f"resuming from {previous} (skipped 1 incomplete newer checkpoint(s))" in resumed.stderr
+    assert (_steps_run(whole), _steps_run(killed), _steps_run(resumed)) == ([1, 2, 3, 4], [1, 2, 3, 4], [3, 4])
+    _assert_same_weights(tmp_path / "whole", tmp_path / "killed")
+    _assert_same_weights(tmp_path / "whole" / "checkpoint-4", partial)  # rewritten whole, and marked
+    assert json.loads((partial / COMPLETE_MARKER).read_text())["global_step"] == 4
+    assert json.loads((partial / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_resume_from_checkpoint_picks_the_last_complete_one(tmp_path):
+    """resolve_resume on folders made by hand: True/"true"/"auto" skip unmarked and damaged
+    checkpoints; "auto" starts afresh when none is complete; True then names what it found."""
+    from ume_train.checkpoint import mark_complete, resolve_resume
+
+    assert resolve_resume("auto", tmp_path / "nothing-yet") is None
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        resolve_resume(True, tmp_path)
+    for step in (2, 4, 6, 10):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * step)
+        (folder / "trainer_state.json").write_text("{}")
+        if step != 10:
+            mark_complete(folder, step)
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"x")  # cut short after marking
+    for value in (True, "true", "True", "auto"):
+        assert resolve_resume(value, tmp_path) == str(tmp_path / "checkpoint-4")  # 10 unmarked, 6 damaged
+    assert resolve_resume(None, tmp_path) is None and resolve_resume("false", tmp_path) is None
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="checkpoint-10.*not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoint-10"), tmp_path)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no complete checkpoint .*checkpoint-10: no ume_checkpoint_complete.json"):
+        resolve_resume("true", tmp_path)
+    assert resolve_resume("auto", tmp_path) is None
 
 
 def test_config_validation():
@@ -236,3 +311,76 @@ def test_cli_reports_bad_records_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") <= 3
     assert f"{data}:1" in err and "media file not found" in err
+
+
+def _data_with_a_corrupt_image(tmp_path, shapes, good: int = 7, bad_line: int = 4):
+    """``good`` synthetic pairs with, on line ``bad_line``, one whose target image exists but is
+    cut in half (it reads, it does not decode)."""
+    from PIL import Image
+
+    from ume_retriever.inputs.records import read_records
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    rows = [json.loads(line) for line in shapes.train.read_text().splitlines()[:good]]
+    for row in rows:  # absolute media paths: the file lives elsewhere
+        row["target"]["image"] = str(shapes.root / row["target"]["image"])
+    bad = {**rows[0], "target": {**rows[0]["target"], "image": str(tmp_path / "cut.png")}}
+    rows.insert(bad_line - 1, bad)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(read_records(path).records) == good + 1  # reading alone finds nothing wrong
+    return path, f"{path}:{bad_line}"
+
+
+def test_sft_run_skips_a_record_that_fails_to_prepare_and_reports_it(tiny_ckpt, shapes, tmp_path, caplog, capsys):
+    """A corrupt image found only when its pair is tokenised: the run finishes, the record is
+    replaced in its batch (every batch keeps its size), logged with file:line, counted against
+    max_bad_records and reported in the run's summary; the dry run prepares records exactly as
+    the trainer does."""
+    from ume_retriever.inputs.records import read_records
+    from ume_train import SFTTrainer
+    from ume_train.checkpoint import load_training_processor, training_preparer
+    from ume_train.cli import main
+
+    path, where = _data_with_a_corrupt_image(tmp_path, shapes)
+    trainer = SFTTrainer(args=_config(tmp_path, tiny_ckpt, [path], max_bad_records=1, max_steps=3))
+    sizes, skipped = [], []
+    for batch in trainer.get_train_dataloader():  # one epoch: 8 pairs, 2 batches of 4
+        sizes.append((batch["query"]["input_ids"].shape[0], batch["target"]["input_ids"].shape[0]))
+        skipped += batch["skipped"]
+    assert sizes == [(4, 4), (4, 4)]
+    assert [w for w, _ in skipped] == [where] and "truncated or corrupt image data" in skipped[0][1]
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "loss" in h]) == 3
+    assert list(trainer.bad_records) == [where]
+    assert any(f"skipping bad record {where}" in r.message and "1 of max_bad_records=1" in r.message
+               for r in caplog.records)
+    # the dry run's preparer (processor and config files only) prepares as the trainer's encoder does
+    processor = load_training_processor(str(tiny_ckpt))
+    preparer = training_preparer(str(tiny_ckpt), processor, max_new_tokens=128, num_video_frames=8)
+    item = read_records(path).records[0].target.to_item()
+    a, b = preparer.prepare(item), trainer.encoder.preparer.prepare(item)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.vision["pixel_values"], b.vision["pixel_values"])
+    # the command's summary reports the skip
+    code = main(["sft", "--output_dir", str(tmp_path / "cli"), "--model_name_or_path", str(tiny_ckpt), "--train_files",
+                 str(path), "--max_bad_records", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                 "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    summary = dict(line.split(None, 1) for line in out.out.strip().splitlines())
+    assert summary["steps"] == "2" and summary["bad_records_skipped"] == "1"
+
+
+def test_a_run_stops_listing_the_bad_records_beyond_max_bad_records(tiny_ckpt, shapes, tmp_path):
+    from ume_retriever.inputs.records import TooManyBadRecords
+    from ume_train import SFTTrainer
+
+    path, where = _data_with_a_corrupt_image(tmp_path, shapes)
+    trainer = SFTTrainer(args=_config(tmp_path, tiny_ckpt, [path], max_bad_records=0, max_steps=3))
+    with pytest.raises(TooManyBadRecords) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "1 bad training records (max_bad_records=0 allows 0)" in message
+    assert f"{where}: target: " in message and "truncated or corrupt image data" in message

@@ -7,8 +7,10 @@
     ume-train rollout-server --model ./sft-ckpt --engine vllm --host 10.0.0.5 --port 8000   # rollouts for GRPO
 
 Keys on the command line override the file's. ``--dry-run`` parses and validates the config,
-reads and checks every record (media present, reasoning present) and the DeepSpeed/FSDP files,
-prints the plan, and loads no model.
+reads and checks every record (media present, reasoning present), prepares every record as
+training will (the checkpoint's processor, no weights: corrupt media, PDF pages past the end,
+more tokens than max_length), checks the DeepSpeed/FSDP files, prints the plan, and loads no
+model weights.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ def parse_config(cls: type, config: str | None, overrides: list[str], *, without
 
 
 def dry_run(args: Any) -> dict[str, Any]:
-    """Validate everything that can be checked without loading the model; returns the plan."""
+    """Validate everything that can be checked without loading model weights; returns the plan.
+
+    Bad records (reading them, then preparing them) are reported with file:line and reason and
+    counted together against ``max_bad_records``, as training counts them."""
     from .config import GRPOConfig
     from .data.reading import read_config_records
 
@@ -91,17 +96,41 @@ def dry_run(args: Any) -> dict[str, Any]:
     local = model is not None and Path(model).exists()
     if local and not (Path(model) / "config.json").is_file():
         raise ValueError(f"{model} has no config.json: not a checkpoint folder")
+    bad = {e.where: e.reason for e in report.bad}
+    records, prepared = _prepare_every_record(args, report.records, bad, local)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     return {
         "model": model, "model_source": "local folder" if local else "hub name (downloaded at start)",
-        "records": len(report.records), "bad_records_skipped": len(report.bad),
+        "records": len(records), "bad_records_skipped": len(bad), "records_prepared": prepared,
         "world_size": world, "pairs_per_forward": args.per_device_train_batch_size * world,
         "pairs_per_optimizer_step": per_step,
-        "steps": args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * len(report.records) // per_step),
+        "steps": args.max_steps if args.max_steps > 0 else int(args.num_train_epochs * len(records) // per_step),
         "deepspeed": deepspeed, "fsdp": args.fsdp or None, "bf16": args.bf16, "lora": getattr(args, "use_lora", False),
         "output_dir": args.output_dir,
         **({"rollouts": _rollout_plan(args)} if isinstance(args, GRPOConfig) else {}),
     }
+
+
+def _prepare_every_record(args: Any, records: list, bad: dict[str, str], local: bool) -> tuple[list, str]:
+    """(the records that prepare, how they were checked): each record through the preparation
+    training gives it, with the checkpoint's processor (tokenizer and image processor files only)."""
+    from .checkpoint import load_training_processor, training_preparer
+    from .data.reading import check_records_prepare, record_preparer
+
+    model = args.model_name_or_path
+    if model is None:
+        return records, "not checked: no model_name_or_path (its processor prepares the records)"
+    try:
+        processor = load_training_processor(model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        preparer = training_preparer(model, processor, max_new_tokens=args.eval_max_new_tokens,
+                                     num_video_frames=args.num_video_frames)
+    except (OSError, ValueError) as exc:
+        if local:
+            raise ValueError(f"{model}: cannot load its processor to prepare the records ({exc})") from None
+        return records, f"not checked: the processor of {model} is not available here ({exc})"
+    logger.info("preparing %d records as training will (processor of %s)", len(records), model)
+    good = check_records_prepare(records, record_preparer(args, preparer).pair, bad, args.max_bad_records)
+    return good, f"each of the {len(records)} records prepared with the processor of {model}"
 
 
 def _rollout_plan(args: Any) -> str:
@@ -125,13 +154,12 @@ def run_training(kind: str, args: Any) -> dict[str, Any]:
                  "format_rate", "query_kl", "target_kl")
     t0 = time.perf_counter()
     trainer = trainer_cls(args=args)
-    resume = args.resume_from_checkpoint
-    if resume in ("true", "True", "auto"):
-        resume = True
-    result = trainer.train(resume_from_checkpoint=resume)
+    # "true" / "auto" / a path: the trainer resumes from the last COMPLETE checkpoint (checkpoint.resolve_resume)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 4),
-               "minutes": round((time.perf_counter() - t0) / 60, 2), "checkpoint": args.output_dir}
+               "minutes": round((time.perf_counter() - t0) / 60, 2), "checkpoint": args.output_dir,
+               "bad_records_skipped": len(trainer.bad_records)}
     last = [h for h in trainer.state.log_history if terms[0] in h]
     if last:
         summary.update({k: last[-1][k] for k in terms if k in last[-1]})
@@ -168,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sft = sub.add_parser("sft", help="supervised fine-tuning (cold start)")
     sft.add_argument("--config", help="YAML file of SFTConfig fields")
-    sft.add_argument("--dry-run", action="store_true", help="validate config and data, load no model")
+    sft.add_argument("--dry-run", action="store_true",
+                     help="validate config and data (every record prepared as training will), load no weights")
     grpo = sub.add_parser("grpo", help="reinforcement learning with the embedding reward (from an SFT checkpoint)")
     grpo.add_argument("--config", help="YAML file of GRPOConfig fields")
-    grpo.add_argument("--dry-run", action="store_true", help="validate config and data, load no model")
+    grpo.add_argument("--dry-run", action="store_true",
+                      help="validate config and data (every prompt prepared as training will), load no weights")
     srv = sub.add_parser("rollout-server", help="sample GRPO rollouts for trainers (rollout_backend=server)")
     srv.add_argument("--model", required=True, help="the checkpoint the trainer starts from")
     srv.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")

@@ -22,11 +22,13 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ume_retriever.inputs.records import PairRecord, RecordError
+from ume_retriever.inputs.records import PairRecord
 from ume_retriever.model.encoder import UMEEncoder
 from ume_retriever.model.preprocess import PreparedInput, collate
 
 from .config import GRPOConfig
+from .data.prepared import PreparedRecords, PromptPreparer, ReportSkipped, collate_prompts
+from .data.reading import record_preparer
 from .losses import world_size
 from .modeling import MODEL_INPUT_KEYS, TrainingWrapper, language_model_parts
 from .rewards import embedding_reward, format_reward, group_advantages
@@ -97,7 +99,9 @@ class GRPOTrainer(UMETrainerMixin, Trainer):
     """Train a UME-R1 model with GRPO. ``model``: instance (+ ``processor``) or checkpoint path;
     ``train_dataset``: ``PairRecord``s or None to read ``args.train_files``; ``reward_funcs``:
     extra rewards ``fn(prompts, completions, **columns) -> list[float | None]`` (with
-    ``args.extra_reward_weights``, default 1 each)."""
+    ``args.extra_reward_weights``, default 1 each). Prompts are prepared in the data loader; a
+    record whose prompts fail (or exceed ``max_length``) is replaced in its batch and counted
+    against ``args.max_bad_records`` with the reading errors (``bad_records``)."""
 
     eval_modes = ("gen",)  # held-out gen Hit@1 (disc vectors are not what RL trains)
 
@@ -105,13 +109,14 @@ class GRPOTrainer(UMETrainerMixin, Trainer):
         self,
         model: nn.Module | str | None = None,
         args: GRPOConfig | None = None,
-        train_dataset: list[PairRecord] | None = None,
+        train_dataset: list[PairRecord] | PreparedRecords | None = None,
         eval_records: list[PairRecord] | None = None,
         processor: Any = None,
         reward_funcs: list[RewardFn] | None = None,
         rollouts: RolloutGenerator | None = None,
         callbacks: list | None = None,
     ):
+        self.bad_records = {}
         model, processor = resolve_model(model, args, processor, "GRPOTrainer")
         for name, param in model.model.visual.named_parameters():
             param.requires_grad = not args.freeze_vision_tower or name.startswith("merger")
@@ -128,13 +133,17 @@ class GRPOTrainer(UMETrainerMixin, Trainer):
         if len(weights) != len(funcs):
             raise ValueError(f"{len(funcs)} extra reward functions but {len(weights)} weights")
         self.extra_rewards = list(zip(funcs, weights))
+        self.prompt_preparer: PromptPreparer = record_preparer(args, self.encoder.preparer)
         if train_dataset is None:
-            train_dataset = self.read_config_records(args, args.train_files, require_reasoning=False)
+            train_dataset = self.read_train_records(args, require_reasoning=False)
+        if not isinstance(train_dataset, PreparedRecords):
+            train_dataset = PreparedRecords(list(train_dataset), self.prompt_preparer.pair,
+                                            max_bad_records=args.max_bad_records)
         if eval_records is None and args.eval_files:
             eval_records = self.read_config_records(args, args.eval_files, require_reasoning=False)
         self.eval_records = eval_records
-        super().__init__(model=GRPOPolicy(model), args=args, data_collator=lambda records: {"records": records},
-                         train_dataset=list(train_dataset), eval_dataset=eval_records, callbacks=callbacks)
+        super().__init__(model=GRPOPolicy(model), args=args, data_collator=ReportSkipped(collate_prompts),
+                         train_dataset=train_dataset, eval_dataset=eval_records, callbacks=callbacks)
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._synced_step: int | None = None  # the step whose weights the rollout generator holds
@@ -165,17 +174,14 @@ class GRPOTrainer(UMETrainerMixin, Trainer):
 
     # -- one step -------------------------------------------------------------------------------
 
-    def _rollout_side(self, records: list[PairRecord], side: str) -> RolloutBatch:
+    def _rollout_side(self, records: list[PairRecord], side: str,
+                      prompts: list[PreparedInput] | None = None) -> RolloutBatch:
+        """``side``'s rollouts for ``records`` (their ``prompts`` when the data loader prepared
+        them, else prepared here: ``RecordError`` for a record that fails)."""
         args = self.args
         G = args.num_generations
-        preparer = self.encoder.preparer
-        prompts: list[PreparedInput] = []
-        for record in records:
-            try:
-                item = getattr(record, side).to_item(args.pdf_dpi)
-                prompts.append(preparer.prepare(item))
-            except Exception as exc:  # noqa: BLE001 - name the record, whatever failed
-                raise RecordError(record.where, f"{side}: {exc}") from None
+        if prompts is None:
+            prompts = [self.prompt_preparer.side(getattr(r, side), r.where, side) for r in records]
         first = self.args.process_index * len(records)  # global index of this process's first prompt
         seeds = [rollout_seed(args.seed, self.state.global_step, side, first + i) for i in range(len(records))]
         rollouts = self.rollouts.generate(prompts, G, seeds)
@@ -276,11 +282,13 @@ class GRPOTrainer(UMETrainerMixin, Trainer):
         return (per_token * mask).sum() / (mask.shape[0] * args.max_completion_length)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.note_bad_records(inputs.get("skipped", []))
         records: list[PairRecord] = inputs["records"]
+        prompts = inputs.get("prompts") or {}
         if self._synced_step != self.state.global_step:  # once per optimiser step: rollouts are on-policy
             self.rollouts.sync_weights(self.trained_model)
             self._synced_step = self.state.global_step
-        batches = {side: self._rollout_side(records, side) for side in SIDES}
+        batches = {side: self._rollout_side(records, side, prompts.get(side)) for side in SIDES}
         out = model(query=batches["query"], target=batches["target"])
         states = {side: out[f"{side}_states"] for side in SIDES}
         rewards = self._rewards(records, batches, states)

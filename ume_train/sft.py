@@ -17,6 +17,8 @@ from ume_retriever.model.encoder import UMEEncoder
 
 from .config import SFTConfig
 from .data.pairs import PairCollator, PairDataset, SideTokenizer
+from .data.prepared import ReportSkipped
+from .data.reading import record_preparer
 from .modeling import LossWeights, UMETrainingModel
 from .trainer_common import UMETrainerMixin, resolve_model
 
@@ -49,7 +51,8 @@ class SFTTrainer(UMETrainerMixin, Trainer):
 
     ``model``: a model instance (then pass ``processor``) or a checkpoint name/path (default:
     ``args.model_name_or_path``). ``train_dataset``: ``PairRecord``s, a ``PairDataset``, or
-    None to read ``args.train_files``.
+    None to read ``args.train_files``. A record that fails to tokenise is replaced in its batch
+    and counted against ``args.max_bad_records`` with the reading errors (``bad_records``).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class SFTTrainer(UMETrainerMixin, Trainer):
         processor: Any = None,
         callbacks: list | None = None,
     ):
+        self.bad_records = {}
         model, processor = resolve_model(model, args, processor, "SFTTrainer")
         set_trainable(model, args)
         if args.use_lora:
@@ -71,17 +75,18 @@ class SFTTrainer(UMETrainerMixin, Trainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.encoder = UMEEncoder(base, processor, num_video_frames=args.num_video_frames,
                                   max_new_tokens=args.eval_max_new_tokens)
-        self.side_tokenizer = SideTokenizer(self.encoder.preparer, max_length=args.max_length, pdf_dpi=args.pdf_dpi)
+        self.side_tokenizer: SideTokenizer = record_preparer(args, self.encoder.preparer)
         if train_dataset is None:
-            train_dataset = self.read_config_records(args, args.train_files, require_reasoning=True)
+            train_dataset = self.read_train_records(args, require_reasoning=True)
         if not isinstance(train_dataset, PairDataset):
-            train_dataset = PairDataset(list(train_dataset), self.side_tokenizer, cache=args.cache_tokenized)
+            train_dataset = PairDataset(list(train_dataset), self.side_tokenizer, cache=args.cache_tokenized,
+                                        max_bad_records=args.max_bad_records)
         if eval_records is None and args.eval_files:
             eval_records = self.read_config_records(args, args.eval_files, require_reasoning=False)
         self.eval_records = eval_records
         weights = LossWeights(args.gen_nce_weight, args.disc_nce_weight, args.query_ce_weight, args.target_ce_weight)
         wrapper = UMETrainingModel(model, weights, args.logit_scale)
-        super().__init__(model=wrapper, args=args, data_collator=PairCollator(self.encoder.token_ids.pad),
+        super().__init__(model=wrapper, args=args, data_collator=ReportSkipped(PairCollator(self.encoder.token_ids.pad)),
                          train_dataset=train_dataset, eval_dataset=eval_records, callbacks=callbacks)
         self.model_accepts_loss_kwargs = False  # our loss is complete; Trainer only divides by GA
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -89,6 +94,7 @@ class SFTTrainer(UMETrainerMixin, Trainer):
     # -- loss (logging and held-out evaluation: UMETrainerMixin) --------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.note_bad_records(inputs.pop("skipped", []))
         out = model(**inputs)
         for key in ("nce_gen", "nce_disc", "ce_query", "ce_target"):
             self._metrics[key].append(float(out[key]))

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from ume_retriever.errors import InputError
 from ume_retriever.inputs.records import PairRecord, RecordError, Side
 from ume_retriever.model.preprocess import InputPreparer, PreparedInput, collate
 from ume_retriever.model.prompt import GEN_TOKEN
+
+from .prepared import PREPARE_ERRORS, PreparedRecords
 
 IGNORE_INDEX = -100
 
@@ -56,7 +57,7 @@ class SideTokenizer:
         try:
             item = side.to_item(self.pdf_dpi, self.preparer_pixel_cap())
             prompt = self.preparer.prepare(item)
-        except (InputError, ValueError, OSError) as exc:
+        except PREPARE_ERRORS as exc:
             raise RecordError(where, f"{name}: {exc}") from None
         answer = self.tokenizer(answer_text(side), add_special_tokens=False)["input_ids"] + [self.end_of_turn]
         answer_ids = torch.tensor(answer, dtype=torch.long)
@@ -69,38 +70,31 @@ class SideTokenizer:
                                      f"exceed max_length={self.max_length}")
         return TrainingSide(full, answer_start=len(prompt), gen_index=len(prompt) + int(gen_hits[0, 0]))
 
+    def pair(self, record: PairRecord) -> dict[str, TrainingSide]:
+        """Both sides of ``record``; ``RecordError`` (naming its file and line) when one fails."""
+        return {"query": self(record.query, record.where, "query"),
+                "target": self(record.target, record.where, "target")}
+
     def preparer_pixel_cap(self) -> int:
         from ume_retriever.model.checkpoint import max_image_pixels
 
         return max_image_pixels(self.preparer.processor)
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """Records tokenised on access (in DataLoader workers when there are any).
+class PairDataset(PreparedRecords):
+    """Records tokenised on access (in DataLoader workers when there are any); item ``i`` is
+    ``{"query": TrainingSide, "target": TrainingSide, "record": ..., "skipped": [...]}``.
 
-    ``cache=True`` keeps every tokenised pair in memory after first use: for small datasets
-    trained for many epochs (the synthetic benchmark), where preparation would dominate.
+    A record that fails to tokenise is replaced by another one (``PreparedRecords``), up to
+    ``max_bad_records``. ``cache=True`` keeps every tokenised pair in memory after first use:
+    for small datasets trained for many epochs (the synthetic benchmark), where preparation
+    would dominate.
     """
 
-    def __init__(self, records: list[PairRecord], side_tokenizer: SideTokenizer, cache: bool = False):
-        self.records = records
+    def __init__(self, records: list[PairRecord], side_tokenizer: SideTokenizer, cache: bool = False,
+                 max_bad_records: int = 0):
         self.side_tokenizer = side_tokenizer
-        self._cache: dict[int, dict[str, TrainingSide]] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, TrainingSide]:
-        if self._cache is not None and i in self._cache:
-            return self._cache[i]
-        record = self.records[i]
-        pair = {
-            "query": self.side_tokenizer(record.query, record.where, "query"),
-            "target": self.side_tokenizer(record.target, record.where, "target"),
-        }
-        if self._cache is not None:
-            self._cache[i] = pair
-        return pair
+        super().__init__(list(records), side_tokenizer.pair, max_bad_records=max_bad_records, cache=cache)
 
 
 def collate_sides(sides: list[TrainingSide], pad_token_id: int) -> dict[str, torch.Tensor]:
