@@ -7,6 +7,8 @@ against them.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -14,6 +16,11 @@ import numpy as np
 
 FusionMethod = Literal["weighted", "rrf", "dbsf", "disc", "gen"]
 FUSION_METHODS: tuple[str, ...] = ("weighted", "rrf", "dbsf", "disc", "gen")
+# The string form's parameters each method uses (``Fusion.parse`` refuses the others).
+METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "weighted": ("disc", "gen"), "rrf": ("disc", "gen", "k"), "dbsf": (), "disc": (), "gen": (),
+}
+_PARAMETER_FIELDS = {"disc": "disc_weight", "gen": "gen_weight", "k": "k"}
 
 
 @dataclass(frozen=True)
@@ -38,31 +45,65 @@ class Fusion:
     def __post_init__(self) -> None:
         if self.method not in FUSION_METHODS:
             raise ValueError(f"fusion must be one of {', '.join(FUSION_METHODS)}; got {self.method!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
+            raise ValueError(f"rrf k must be an integer, got {self.k!r}")
         if self.k < 1:
             raise ValueError(f"rrf k must be >= 1, got {self.k}")
-        if self.disc_weight < 0 or self.gen_weight < 0:
-            raise ValueError("fusion weights must be >= 0")
+        for name, w in (("disc", self.disc_weight), ("gen", self.gen_weight)):
+            if isinstance(w, bool) or not isinstance(w, numbers.Real):
+                raise ValueError(f"the {name} weight must be a number, got {w!r}")
+            if not math.isfinite(w):  # NaN would silently drop that vector's prefetch (NaN > 0 is False)
+                raise ValueError(f"the {name} weight must be a finite number, got {w}")
+            if w < 0:
+                raise ValueError(f"fusion weights must be >= 0, got {name}={w}")
+        if self.method in ("weighted", "rrf") and self.disc_weight == 0 and self.gen_weight == 0:
+            raise ValueError("the disc and gen weights are both 0: at least one must be > 0")
 
     @classmethod
     def parse(cls, value: "Fusion | str") -> "Fusion":
         """``Fusion``, a name ("rrf", "weighted", "dbsf", "disc", "gen"), or a name with
-        parameters as the command line writes them: "weighted:disc=0.3,gen=0.7", "rrf:k=61"."""
+        parameters as the command line writes them: "weighted:disc=0.3,gen=0.7", "rrf:k=61".
+
+        Parameters: ``disc=W`` and ``gen=W`` (finite, >= 0) for ``weighted`` and ``rrf``;
+        ``k=N`` (an integer >= 1) for ``rrf`` only; ``dbsf``, ``disc`` and ``gen`` take none.
+        A parameter given twice, or one the method does not use, is an error (never ignored).
+        """
         if isinstance(value, Fusion):
             return value
         if not isinstance(value, str):
             raise ValueError(f"fusion must be a Fusion or a string, got {type(value).__name__}")
         method, _, params = value.partition(":")
-        names = {"disc": "disc_weight", "gen": "gen_weight", "k": "k"}
+        method = method.strip()
+        if method not in FUSION_METHODS:
+            raise ValueError(f"fusion {value!r}: the method must be one of {', '.join(FUSION_METHODS)}; got {method!r}")
+        allowed = METHOD_PARAMETERS[method]
         kwargs: dict[str, float | int] = {}
-        for part in filter(None, (p.strip() for p in params.split(","))):
-            key, eq, raw = part.partition("=")
-            if not eq or key.strip() not in names:
+        for part in (p.strip() for p in params.split(",")):
+            if not part:
+                if params.strip():  # "weighted:disc=1,,gen=2" or a trailing comma
+                    raise ValueError(f"fusion {value!r}: an empty parameter (two commas, or a comma at an end)")
+                continue
+            key, eq, raw = (s.strip() for s in part.partition("="))
+            if not eq or key not in _PARAMETER_FIELDS:
                 raise ValueError(f"fusion {value!r}: parameters are disc=W, gen=W and k=N (got {part!r})")
+            if key not in allowed:
+                uses = f"takes only {', '.join(p + '=' for p in allowed)}" if allowed else "takes no parameters"
+                raise ValueError(f"fusion {value!r}: {key}= does not apply to {method} ({method} {uses})")
+            field_name = _PARAMETER_FIELDS[key]
+            if field_name in kwargs:
+                raise ValueError(f"fusion {value!r}: {key} is given twice")
             try:
-                kwargs[names[key.strip()]] = int(raw) if key.strip() == "k" else float(raw)
+                number: float | int = int(raw) if key == "k" else float(raw)
             except ValueError:
-                raise ValueError(f"fusion {value!r}: {key.strip()} must be a number, got {raw!r}") from None
-        return cls(method=method.strip(), **kwargs)  # type: ignore[arg-type]
+                kind = "an integer" if key == "k" else "a number"
+                raise ValueError(f"fusion {value!r}: {key} must be {kind}, got {raw!r}") from None
+            if not math.isfinite(number):
+                raise ValueError(f"fusion {value!r}: {key} must be a finite number, got {raw!r}")
+            kwargs[field_name] = number
+        try:
+            return cls(method=method, **kwargs)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"fusion {value!r}: {exc}") from None
 
     def __str__(self) -> str:
         """The ``parse`` form: "rrf", "weighted:disc=0.3,gen=0.7"."""
