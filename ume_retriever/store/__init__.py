@@ -6,13 +6,14 @@ import os
 from typing import Any
 
 from .base import (
-    DISC, GEN, VECTOR_NAMES, FilterSpec, SchemaMismatchError, StoredHit, StoredPoint, StoreLockedError, StoreSchema,
-    VectorQuery, VectorStore,
+    DISC, GEN, VECTOR_NAMES, FilterSpec, NonFiniteVectorError, SchemaMismatchError, StoreCorruptError, StoredHit,
+    StoredPoint, StoreLockedError, StoreSchema, VectorQuery, VectorStore, WriterLeaseError,
 )
 
 __all__ = [
-    "DISC", "GEN", "VECTOR_NAMES", "FilterSpec", "SchemaMismatchError", "StoredHit", "StoredPoint",
-    "StoreLockedError", "StoreSchema", "VectorQuery", "VectorStore", "open_store", "recorded_schema",
+    "DISC", "GEN", "VECTOR_NAMES", "FilterSpec", "NonFiniteVectorError", "SchemaMismatchError", "StoreCorruptError",
+    "StoredHit", "StoredPoint", "StoreLockedError", "StoreSchema", "VectorQuery", "VectorStore", "WriterLeaseError",
+    "open_store", "recorded_schema",
 ]
 
 
@@ -59,15 +60,14 @@ def recorded_schema(
         finally:
             client.close()
     else:
-        import json
         from pathlib import Path
 
-        from .edge import SCHEMA_FILE
+        from .edge import SCHEMA_FILE, read_schema_file
 
         file = Path(path or "ume-index") / collection / SCHEMA_FILE
         if not file.is_file():
             return None
-        meta = json.loads(file.read_text())
+        meta = read_schema_file(file)  # StoreCorruptError (file, recovery) if truncated or corrupt
     if not meta.get("model") or not meta.get("vectors"):
         return None
     size = next(iter(meta["vectors"].values()))

@@ -7,8 +7,12 @@ the same ``Filter`` and ``Fusion`` into their engine's types and run fusion in t
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
 
 from ..errors import UMEError
 from ..fusion import Fusion
@@ -33,6 +37,15 @@ class SchemaMismatchError(UMEError):
 
 class StoreLockedError(UMEError):
     """The embedded store is open in another process."""
+
+
+class WriterLeaseError(StoreLockedError):
+    """Another writer holds the collection's writer lease (Qdrant server or local mode), or
+    this store lost its lease to another writer. Readers are never refused."""
+
+
+class StoreCorruptError(UMEError):
+    """A store's own bookkeeping file (``ume_store.json``) is unreadable: truncated or corrupt."""
 
 
 @dataclass(frozen=True)
@@ -152,19 +165,137 @@ def attach_query_scores(hits: Sequence[StoredHit], per_query: Iterable[Iterable[
 
 def classify_conditions(flt: FilterSpec) -> Iterator[tuple[str, str, Any]]:
     """``(key, kind, value)`` per condition, kind "range" | "any" | "eq": the one reading of
-    our filter format; each backend only builds its engine's objects from it."""
+    our filter format; each backend only builds its engine's objects from it.
+
+    Checked here, before any engine sees it (a bad value raises a ``ValueError`` naming the
+    field): equality takes a str, int or bool (a float becomes the range ``[v, v]``: Qdrant
+    matches floats by range only); any-of takes a non-empty list of str or of int, not mixed;
+    a range takes finite numbers under gte/gt/lte/lt. None, nested lists, dicts other than
+    ranges and any other type are refused."""
+    if not isinstance(flt, Mapping):
+        raise ValueError(f"a filter must be a mapping of field -> condition, got {type(flt).__name__}")
     for key, value in flt.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"filter field names must be non-empty strings, got {key!r}")
         if isinstance(value, Mapping):
-            yield key, "range", split_range(value)
-        elif isinstance(value, (list, tuple, set)):
-            yield key, "any", list(value)
+            yield key, "range", split_range(value, key)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            yield key, "any", _any_of(key, value)
+        elif isinstance(value, float) or (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)):
+            number = _finite(key, value)
+            yield key, "range", {"gte": number, "lte": number}
         else:
-            yield key, "eq", value
+            yield key, "eq", _scalar(key, value)
 
 
-def split_range(value: Mapping[str, Any]) -> dict[str, float]:
+def _scalar(key: str, value: Any) -> str | int | bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise ValueError(f"filter field {key!r}: None is not a filter value (filters match a str, int, bool, "
+                         "a list of str or int, or a range)")
+    raise ValueError(f"filter field {key!r}: a {type(value).__name__} ({value!r:.60}) is not a filter value "
+                     "(filters match a str, int, bool, a list of str or int, or a range)")
+
+
+def _any_of(key: str, values: Any) -> list[str] | list[int]:
+    items = list(values)
+    if not items:
+        raise ValueError(f"filter field {key!r}: an empty any-of list matches nothing (give at least one value)")
+    kinds = set()
+    out: list[Any] = []
+    for v in items:
+        if isinstance(v, str):
+            kinds.add("str")
+            out.append(v)
+        elif isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+            kinds.add("int")
+            out.append(int(v))
+        else:
+            what = "None" if v is None else f"a {type(v).__name__} ({v!r:.60})"
+            raise ValueError(f"filter field {key!r}: an any-of list holds only str or only int values, not {what}")
+    if len(kinds) > 1:
+        raise ValueError(f"filter field {key!r}: an any-of list mixes str and int values ({items!r:.80}); "
+                         "use one type")
+    return out
+
+
+def _finite(key: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        what = "None" if value is None else f"a {type(value).__name__} ({value!r:.60})"
+        raise ValueError(f"filter field {key!r}: a range bound must be a number, not {what}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"filter field {key!r}: {number} is not a usable bound or value (finite numbers only)")
+    return number
+
+
+def split_range(value: Mapping[str, Any], key: str = "?") -> dict[str, float]:
     allowed = {"gte", "gt", "lte", "lt"}
     unknown = set(value) - allowed
     if unknown:
-        raise ValueError(f"range filter keys must be among {sorted(allowed)}, got {sorted(unknown)}")
-    return {k: float(v) for k, v in value.items()}
+        raise ValueError(f"filter field {key!r}: a dict is a range, whose keys must be among {sorted(allowed)}; "
+                         f"got {sorted(map(str, unknown))}")
+    if not value:
+        raise ValueError(f"filter field {key!r}: an empty range (give gte, gt, lte or lt)")
+    return {k: _finite(key, v) for k, v in value.items()}
+
+
+class NonFiniteVectorError(ValueError):
+    """Points (or a query) carry a vector with NaN or inf values, or of the wrong size.
+
+    ``point_ids`` names the refused points (empty for a query): nothing of that upsert was
+    written, so a caller can drop those points and write the others."""
+
+    def __init__(self, message: str, point_ids: Sequence[str] = ()):
+        super().__init__(message)
+        self.point_ids = list(point_ids)
+
+
+def _vector_problem(vector: Any, size: int) -> str | None:
+    try:
+        with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: reported below
+            arr = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        return f"is not a vector of numbers ({exc})"
+    if arr.ndim != 1 or arr.shape[0] != size:
+        return f"has shape {arr.shape}, the collection's vectors have {size} values"
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        return f"has {bad} non-finite value(s) (NaN or inf, or beyond float32)"
+    return None
+
+
+def check_query_vectors(queries: Sequence[VectorQuery], size: int) -> None:
+    """Raise ``NonFiniteVectorError`` for an unknown vector name or a vector the engine would
+    answer with nothing (NaN/inf) or an engine error (wrong size)."""
+    for i, q in enumerate(queries):
+        if q.using not in VECTOR_NAMES:
+            raise ValueError(f"query vector {i} uses {q.using!r}; the vectors are {', '.join(VECTOR_NAMES)}")
+        problem = _vector_problem(q.vector, size)
+        if problem:
+            raise NonFiniteVectorError(f"query vector {i} ({q.using}) {problem}: nothing searched")
+
+
+def check_points(points: Sequence[StoredPoint], size: int) -> None:
+    """Raise ``NonFiniteVectorError`` naming every point whose vectors cannot be stored
+    (before anything is written)."""
+    bad: list[tuple[str, str]] = []
+    for p in points:
+        for name, vector in p.vectors.items():
+            if name not in VECTOR_NAMES:
+                problem: str | None = f"is named {name!r} (the vectors are {', '.join(VECTOR_NAMES)})"
+            else:
+                problem = _vector_problem(vector, size)
+            if problem:
+                bad.append((str(p.id), f"vector {name!r} {problem}"))
+                break
+    if bad:
+        first_id, first = bad[0]
+        more = f" (and {len(bad) - 1} more point(s))" if len(bad) > 1 else ""
+        raise NonFiniteVectorError(f"point {first_id}: {first}{more}; nothing of this upsert was written",
+                                   [pid for pid, _ in bad])

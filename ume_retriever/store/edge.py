@@ -2,6 +2,10 @@
 
 Layout of a store folder: ``<path>/<collection>/`` holds the shard, ``ume_store.json`` the
 schema it was built for, ``.lock`` the inter-process lock (one process at a time).
+
+``ume_store.json`` is written last when a store is created, and atomically (a temp file in
+the same folder, fsync, rename, fsync of the folder): a crash leaves either no schema file
+(the creation never finished: the folder holds no data worth keeping) or a complete one.
 """
 
 from __future__ import annotations
@@ -10,21 +14,81 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..faults import fault_point
 from ..fusion import Fusion
 from .base import (
-    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, SchemaMismatchError, StoredHit, StoredPoint, StoreLockedError,
-    StoreSchema, VectorQuery, attach_query_scores, classify_conditions, paged_payloads, weighted_queries,
+    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, SchemaMismatchError, StoreCorruptError, StoredHit, StoredPoint,
+    StoreLockedError, StoreSchema, VectorQuery, attach_query_scores, check_points, check_query_vectors,
+    classify_conditions, paged_payloads, weighted_queries,
 )
 
 logger = logging.getLogger(__name__)
 SCHEMA_FILE = "ume_store.json"
 LOCK_FILE = ".lock"
+_TEMP_PREFIX = f".{SCHEMA_FILE}.tmp-"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash at any point leaves the old file (or none)
+    or the new one, never a part: temp file in the same folder, fsync, rename, fsync folder.
+
+    Test-only fault hook: ``UME_FAULT=inside_store_creation`` kills the process (SIGKILL)
+    with half the bytes in the temp file (see ``ume_retriever/faults.py``)."""
+    data = text.encode()
+    tmp = path.with_name(f"{_TEMP_PREFIX}{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data[: len(data) // 2])
+        os.fsync(fd)
+        fault_point("inside_store_creation")
+        os.write(fd, data[len(data) // 2:])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def read_schema_file(path: Path, expected: StoreSchema | None = None) -> dict[str, Any]:
+    """The recorded schema of a store, or ``StoreCorruptError`` naming the file, what is
+    wrong and how to recover (with ``expected``: the content this encoder would write)."""
+    try:
+        found = json.loads(path.read_text())
+        problem = None if isinstance(found, dict) and isinstance(found.get("vectors"), dict) and found["vectors"] \
+            else "it is valid JSON but not a ume schema (no \"vectors\" mapping)"
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        found, problem = None, f"it is truncated or corrupt ({exc})"
+    if problem is None:
+        return found
+    hint = (f" If the store was built for this model, write this content back: "
+            f"{json.dumps(expected.as_dict())}." if expected is not None else "")
+    raise StoreCorruptError(
+        f"the store's schema file {path} is unreadable: {problem}. The points in {path.parent} may be intact:"
+        f"{hint} Otherwise delete the folder {path.parent} and index again."
+    )
+
+
+def _no_bool(key: str, value: Any) -> Any:
+    # qdrant-edge-py 0.9 turns MatchValue(True) into MatchValue(1), which matches no boolean
+    # payload (measured): refuse rather than answer "nothing".
+    if isinstance(value, bool):
+        raise ValueError(f"filter field {key!r}: the embedded store (qdrant-edge-py) cannot match booleans (it reads "
+                         f"{value} as {int(value)}); store the flag as a string or an integer, or use a Qdrant server")
+    return value
 
 
 class EdgeStore:
@@ -77,12 +141,14 @@ class EdgeStore:
         qe = self._qe
         schema_path = self.root / SCHEMA_FILE
         shard_path = str(self.root / "shard")
+        for leftover in self.root.glob(f"{_TEMP_PREFIX}*"):  # a writer killed mid-write (we hold the lock)
+            leftover.unlink(missing_ok=True)
         if schema_path.exists():
-            found = json.loads(schema_path.read_text())
+            found = read_schema_file(schema_path, self.schema)
             self.schema.check(found, f"the store {self.root}")
             return qe.EdgeShard.load(shard_path)
         if (self.root / "shard").exists():
-            raise SchemaMismatchError(f"{self.root} holds a shard without {SCHEMA_FILE}: not a ume store")
+            self._remove_unfinished_shard(shard_path)
         params = qe.EdgeVectorParams(size=self.schema.vector_size, distance=qe.Distance.Cosine)
         shard = qe.EdgeShard.create(shard_path, qe.EdgeConfig(vectors={n: params for n in VECTOR_NAMES}))
         kinds = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
@@ -90,8 +156,30 @@ class EdgeStore:
             shard.update(qe.UpdateOperation.create_field_index(name, kinds[kind]))
         shard.flush()
         # Written last: a folder without it was never completely created.
-        schema_path.write_text(json.dumps(self.schema.as_dict(), indent=2))
+        write_atomically(schema_path, json.dumps(self.schema.as_dict(), indent=2))
         return shard
+
+    def _remove_unfinished_shard(self, shard_path: str) -> None:
+        """A shard without the schema file: a creation that crashed before its last step (the
+        shard is then empty: removed and created again), or not a ume store (refused)."""
+        try:
+            shard = self._qe.EdgeShard.load(shard_path)
+            try:
+                points = int(shard.count(self._qe.CountRequest(filter=None, exact=True)))
+            finally:
+                shard.close()
+        except Exception as exc:  # noqa: BLE001 - an unloadable shard: refused below with the reason
+            points, reason = -1, f"it does not load ({type(exc).__name__}: {exc})"
+        else:
+            reason = f"it holds {points} point(s)"
+        if points != 0:
+            raise SchemaMismatchError(
+                f"{self.root} holds a shard without {SCHEMA_FILE} ({reason}): not a ume store, or one whose "
+                f"schema file was removed; if ume created it, delete {self.root} and index again"
+            )
+        logger.warning("%s: an empty shard without %s (a store creation was interrupted): creating the store again",
+                       self.root, SCHEMA_FILE)
+        shutil.rmtree(shard_path)
 
     # -- translation --------------------------------------------------------------------------
 
@@ -102,7 +190,7 @@ class EdgeStore:
         build = {
             "range": lambda k, v: qe.FieldCondition(key=k, range=qe.RangeFloat(**v)),
             "any": lambda k, v: qe.FieldCondition(key=k, match=qe.MatchAny(v)),
-            "eq": lambda k, v: qe.FieldCondition(key=k, match=qe.MatchValue(v)),
+            "eq": lambda k, v: qe.FieldCondition(key=k, match=qe.MatchValue(_no_bool(k, v))),
         }
         return qe.Filter(must=[build[kind](key, value) for key, kind, value in classify_conditions(flt)])
 
@@ -121,6 +209,7 @@ class EdgeStore:
     def upsert(self, points: Sequence[StoredPoint]) -> None:
         if not points:
             return
+        check_points(points, self.schema.vector_size)
         qe = self._qe
         batch = [qe.Point(id=p.id, vector={k: np.asarray(v, dtype=np.float32).tolist() for k, v in p.vectors.items()},
                           payload=p.payload) for p in points]
@@ -161,6 +250,7 @@ class EdgeStore:
         flt: FilterSpec | None = None,
     ) -> list[StoredHit]:
         qe = self._qe
+        check_query_vectors(queries, self.schema.vector_size)
         kept = weighted_queries(queries, fusion)
         engine_filter = self._filter(flt)
         common: dict[str, Any] = dict(limit=limit, filter=engine_filter, with_payload=True, with_vector=False)

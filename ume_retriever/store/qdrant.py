@@ -4,12 +4,20 @@ Local mode (``location=":memory:"`` or ``path=``) is qdrant-client's pure-Python
 query feature works, but it is brute force, ignores payload indexes and sharding, and commits
 point by point on disk. Use it for tests and small data; use the embedded ``EdgeStore`` or a
 server for real collections.
+
+Writers take a lease kept in the collection's metadata (key ``ume_writer_lease``: owner id and
+expiry); see ``QdrantStore`` for what it guarantees and what it cannot.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
+import uuid
+from datetime import datetime, timezone
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -17,14 +25,35 @@ import numpy as np
 from ..fusion import Fusion
 from .base import (
     INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, StoredHit, StoredPoint, StoreLockedError, StoreSchema, VectorQuery,
-    attach_query_scores, classify_conditions, paged_payloads, weighted_queries,
+    WriterLeaseError, attach_query_scores, check_points, check_query_vectors, classify_conditions, paged_payloads,
+    weighted_queries,
 )
 
 logger = logging.getLogger(__name__)
+LEASE_KEY = "ume_writer_lease"  # in the collection's metadata
+DEFAULT_LEASE_SECONDS = 120.0
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class QdrantStore:
-    """A collection with named vectors ``disc`` and ``gen`` (cosine) through qdrant-client."""
+    """A collection with named vectors ``disc`` and ``gen`` (cosine) through qdrant-client.
+
+    **Writer lease.** Every write (upsert, delete) first checks the collection's writer lease
+    (``ume_writer_lease`` in the collection metadata: ``owner``, ``expires_at``). Free or
+    expired: this store takes it; ours: renewed once less than half of ``lease_seconds``
+    remains; another live owner: ``WriterLeaseError`` naming it and when its lease expires.
+    ``close()`` releases it. Reads never look at it. Limits, honestly: Qdrant has no
+    compare-and-swap, so taking it is check-then-set followed by a read-back; two writers
+    starting within one round trip can both pass, and the loser finds out at its next write
+    (each write re-reads the lease). Expiry uses each machine's clock (keep clocks in sync
+    well within ``lease_seconds``), and a writer that pauses longer than ``lease_seconds``
+    between writes may lose the lease to another (its next write then fails, it never
+    overwrites silently). A crashed writer's lease blocks others until it expires.
+    ``client=`` shares one qdrant-client between stores (it is then not closed by ``close``).
+    """
 
     def __init__(
         self,
@@ -43,8 +72,17 @@ class QdrantStore:
         hnsw_config: Any = None,
         timeout: int | None = None,
         hnsw_ef: int | None = 512,
+        client: Any = None,
+        writer_id: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ):
         from qdrant_client import QdrantClient, models
+
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+        self.writer_id = writer_id or f"{socket.gethostname()}:pid{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_seconds = float(lease_seconds)
+        self._lease_expires: float | None = None  # set while this store holds the writer lease
 
         self._m = models
         # Local mode is brute force (exact) and warns about search params: servers only.
@@ -53,9 +91,20 @@ class QdrantStore:
         self._is_server = url is not None
         self.collection = collection
         self.location = url or path or location or ":memory:"
+        self._owns_client = client is None
+        if client is not None:
+            from qdrant_client.local.qdrant_local import QdrantLocal
+
+            self.client = client
+            local = getattr(client, "_client", None)  # qdrant-client's engine behind the facade
+            self._is_server = not isinstance(local, QdrantLocal)
+            self.location = getattr(local, "location", None) or url or "the given client"
+            if self._is_server and hnsw_ef:
+                self._search_params = models.SearchParams(hnsw_ef=hnsw_ef)
         try:
-            self.client = QdrantClient(url=url, api_key=api_key, location=location if not (url or path) else None,
-                                       path=path, timeout=timeout)
+            if client is None:
+                self.client = QdrantClient(url=url, api_key=api_key, location=location if not (url or path) else None,
+                                           path=path, timeout=timeout)
         except RuntimeError as exc:
             if "already accessed" in str(exc):
                 raise StoreLockedError(
@@ -127,26 +176,82 @@ class QdrantStore:
         return m.FormulaQuery(formula=m.SumExpression(sum=terms),
                               defaults={f"$score[{i}]": 0.0 for i in range(len(weights))})
 
+    # -- writer lease -------------------------------------------------------------------------
+
+    def _read_lease(self) -> dict[str, Any] | None:
+        meta = getattr(self.client.get_collection(self.collection).config, "metadata", None) or {}
+        lease = meta.get(LEASE_KEY)
+        return lease if isinstance(lease, dict) and lease.get("owner") else None
+
+    def _write_lease(self, owner: str, expires_at: float) -> None:
+        value = {"owner": owner, "expires_at": expires_at, "expires_at_utc": _utc(expires_at) if owner else ""}
+        self.client.update_collection(self.collection, metadata={LEASE_KEY: value})
+
+    def _holder_error(self, lease: dict[str, Any], now: float, lost: bool) -> WriterLeaseError:
+        expires = float(lease.get("expires_at", 0))
+        start = (f"this store (writer {self.writer_id}) lost its writer lease on the collection {self.collection!r} at "
+                 f"{self.location} to writer {lease['owner']}" if lost else
+                 f"the collection {self.collection!r} at {self.location} is being written by writer {lease['owner']}")
+        return WriterLeaseError(
+            f"{start} (its lease expires at {_utc(expires)}, in {max(0.0, expires - now):.0f} s, unless renewed); "
+            "nothing was written. Readers are not blocked; write after that writer closes, or after the expiry "
+            "if it crashed"
+        )
+
+    def _hold_lease(self) -> None:
+        """Take, renew or verify the writer lease before a write (under ``self._mutex``)."""
+        now = time.time()
+        lease = self._read_lease()
+        if lease is not None and lease["owner"] != self.writer_id and float(lease.get("expires_at", 0)) > now:
+            lost, self._lease_expires = self._lease_expires is not None, None
+            raise self._holder_error(lease, now, lost)
+        if lease is not None and lease["owner"] == self.writer_id and \
+                float(lease.get("expires_at", 0)) - now > self.lease_seconds / 2:
+            self._lease_expires = float(lease["expires_at"])
+            return
+        expires = now + self.lease_seconds
+        self._write_lease(self.writer_id, expires)  # check-then-set: no compare-and-swap in Qdrant
+        after = self._read_lease()
+        if after is None or after["owner"] != self.writer_id:  # another writer took it in between
+            self._lease_expires = None
+            raise self._holder_error(after or {"owner": "unknown", "expires_at": expires}, time.time(), False)
+        self._lease_expires = expires
+
+    def _release_lease(self) -> None:
+        if self._lease_expires is None:
+            return
+        self._lease_expires = None
+        try:
+            lease = self._read_lease()
+            if lease is not None and lease["owner"] == self.writer_id:
+                self._write_lease("", 0.0)
+        except Exception as exc:  # noqa: BLE001 - closing anyway; the lease then lapses at its expiry
+            logger.warning("could not release the writer lease of %s: %s", self.collection, exc)
+
     # -- protocol -----------------------------------------------------------------------------
 
     def upsert(self, points: Sequence[StoredPoint]) -> None:
         if not points:
             return
+        check_points(points, self.schema.vector_size)
         m = self._m
         batch = [m.PointStruct(id=p.id, vector={k: np.asarray(v, dtype=np.float32).tolist() for k, v in p.vectors.items()},
                                payload=p.payload) for p in points]
         with self._mutex:
+            self._hold_lease()
             self.client.upsert(self.collection, batch, wait=True)
 
     def delete_ids(self, ids: Sequence[str]) -> None:
         if ids:
             with self._mutex:
+                self._hold_lease()
                 self.client.delete(self.collection, points_selector=self._m.PointIdsList(points=list(ids)), wait=True)
 
     def delete_where(self, flt: FilterSpec) -> None:
+        selector = self._m.FilterSelector(filter=self._filter(flt))
         with self._mutex:
-            self.client.delete(self.collection, points_selector=self._m.FilterSelector(filter=self._filter(flt)),
-                               wait=True)
+            self._hold_lease()
+            self.client.delete(self.collection, points_selector=selector, wait=True)
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:
@@ -172,6 +277,7 @@ class QdrantStore:
         flt: FilterSpec | None = None,
     ) -> list[StoredHit]:
         m = self._m
+        check_query_vectors(queries, self.schema.vector_size)
         kept = weighted_queries(queries, fusion)
         engine_filter = self._filter(flt)
         common: dict[str, Any] = dict(limit=limit, query_filter=engine_filter, with_payload=True, with_vectors=False)
@@ -208,7 +314,9 @@ class QdrantStore:
 
     def close(self) -> None:
         with self._mutex:
-            self.client.close()
+            self._release_lease()
+            if self._owns_client:
+                self.client.close()
 
     def __enter__(self) -> "QdrantStore":
         return self
