@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..inputs.item import InputLike, Item, as_item
 from ..inputs.media import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_NUM_FRAMES
 from ..results import EncodeResult, GenOutcome, GenSample
@@ -27,6 +27,46 @@ Output = Literal["numpy", "list"]
 # RL rollouts were at most 2048 new tokens; the paper's evaluation allowed up to 8192.
 DEFAULT_MAX_NEW_TOKENS = 2048
 _SINGLE_TYPES = (Item, str, bytes, bytearray, dict, os.PathLike)
+
+
+def fit_to_context(
+    context: int, max_new_tokens: int, max_input_tokens: int | None, shortest: int, name: str = "the checkpoint"
+) -> tuple[int, int]:
+    """``(max_new_tokens, max_input_tokens)`` that fit a context of ``context`` positions, for
+    prompts of at least ``shortest`` tokens.
+
+    Without ``max_input_tokens``, the input gets what generation leaves, and a
+    ``max_new_tokens`` above half the context is lowered to half (to the context minus the
+    shortest prompt if that is less), with one warning. With both given, a sum above the
+    context lowers ``max_new_tokens`` (warned). ``CheckpointError`` when the context cannot
+    hold the shortest prompt plus one generated token.
+    """
+    for label, value in (("max_new_tokens", max_new_tokens), ("max_input_tokens", max_input_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    where = f"{name}: its context of {context} positions (max_position_embeddings)"
+    if shortest >= context:
+        raise CheckpointError(f"{where} cannot hold the shortest prompt ({shortest} tokens) and any reasoning: "
+                              "use a checkpoint with a longer context")
+    if max_input_tokens is None:
+        fitted = min(max_new_tokens, context // 2, context - shortest)
+        room = context - fitted
+    elif max_input_tokens >= context:
+        raise ValueError(f"max_input_tokens={max_input_tokens} leaves no room for reasoning in {where}: use at most "
+                         f"{context - 1} (and at least {shortest}, the shortest prompt)")
+    else:
+        fitted, room = min(max_new_tokens, context - max_input_tokens), max_input_tokens
+        if room < shortest:  # asked for: each input then fails with that limit named (not refused here)
+            logger.warning("%s: max_input_tokens=%d is below the shortest prompt (%d tokens): every input will fail",
+                           name, room, shortest)
+    if fitted != max_new_tokens:
+        logger.warning(
+            "%s: max_new_tokens=%d does not fit with room for the input: using max_new_tokens=%d and "
+            "max_input_tokens=%d. To choose the split, pass max_new_tokens=N and max_input_tokens=M with "
+            "N + M <= %d and M >= %d, the shortest prompt (reasoning longer than N is cut; inputs longer than M "
+            "have their text truncated).", where, max_new_tokens, fitted, room, context, shortest,
+        )
+    return fitted, room
 
 
 def _default_device() -> torch.device:
@@ -67,21 +107,21 @@ class UMEEncoder:
         self.name_or_path = name_or_path
         self.revision = revision
         self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
         self.config = config if config is not None else model.config
         self.generation_config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
         self.token_ids: UMETokenIds = resolve_token_ids(processor.tokenizer, self.generation_config, name_or_path)
         text_config = getattr(self.config, "text_config", self.config)
-        if max_input_tokens is None:
-            max_input_tokens = int(text_config.max_position_embeddings) - max_new_tokens
+        context = int(text_config.max_position_embeddings)
         self.preparer = InputPreparer(
             processor,
             self.token_ids,
-            max_input_tokens=max_input_tokens,
+            max_input_tokens=context,  # set below, once the split of the context is known
             num_video_frames=num_video_frames,
             blank_image_for_text=blank_image_for_text,
             max_decode_pixels=max_decode_pixels,
         )
+        self.max_new_tokens, self.preparer.max_input_tokens = fit_to_context(
+            context, max_new_tokens, max_input_tokens, self.preparer.shortest_prompt_length(), name_or_path)
         self.backend: GenerationBackend = backend or TransformersBackend(model, processor, self.token_ids)
         # One model call at a time: the gen read-out hooks the shared model, and a concurrent
         # forward from another thread (e.g. a search during an ingest) would feed that hook.

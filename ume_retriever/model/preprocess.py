@@ -101,6 +101,12 @@ class InputPreparer:
         except Exception:  # noqa: BLE001 - a malformed item fails properly in prepare()
             return 0
 
+    def shortest_prompt_length(self) -> int:
+        """Tokens of the shortest prompt this preparer builds (a one-character text, with the
+        blank image when text gets one): what any input needs at least."""
+        images = [blank_image()] if self.blank_image_for_text else []
+        return len(self._process("x", None, images, None, "the shortest prompt"))
+
     def prepare(self, item: Item) -> PreparedInput:
         """Raise ``InputError`` (naming the input) when the item cannot be encoded."""
         what = item.describe()
