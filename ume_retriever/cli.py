@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -88,29 +90,127 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_filters(specs: Sequence[str]) -> dict[str, Any] | None:
-    """``["modality=pdf_page", "page<=3", "page>=2"]`` -> our filter spec (conditions ANDed)."""
+    """``["modality=pdf_page", "page<=3", "page>=2"]`` -> our filter spec (conditions ANDed).
+
+    Grammar of one ``--filter``: ``FIELD OP VALUE``. FIELD ends at the first ``<``, ``>``,
+    ``=`` or ``!`` and holds no space, quote or ``|``. OP is ``=``, ``<``, ``<=``, ``>``, ``>=``.
+    After ``=``: one value, or several joined by ``|`` (any of); a value is ``"text"`` or
+    ``'text'`` (quoted: always text, may hold ``|``, ``<``, spaces), an integer (``3``, ``-2``),
+    a number with a fraction or exponent (``3.0``, ``2.5e3``: matched as a number, so
+    ``page=3.0`` finds page 3), ``true``/``false``, or else bare text (``source=/a<b.pdf`` is
+    text, ``<`` included). After ``<``, ``<=``, ``>``, ``>=``: a finite number. Any-of values
+    are all text or all integers. A field may have one equality or any-of, or up to one lower
+    and one upper bound. An existing path given as ``source=`` is made absolute.
+    """
     out: dict[str, Any] = {}
     for spec in specs:
-        for op, key in (("<=", "lte"), (">=", "gte"), ("<", "lt"), (">", "gt"), ("=", None)):
-            field, sep, raw = spec.partition(op)
-            if sep and field.strip() and raw.strip():
-                break
-        else:
-            raise CLIError(f"--filter {spec!r}: write FIELD=VALUE, FIELD<=N, FIELD>=N, FIELD<N or FIELD>N")
-        field, raw = field.strip(), raw.strip()
-        if key is not None:
-            try:
-                bound = float(raw)
-            except ValueError:
-                raise CLIError(f"--filter {spec!r}: {raw!r} is not a number") from None
-            existing = out.get(field)
-            out[field] = {**(existing if isinstance(existing, dict) else {}), key: bound}
-        else:
-            value: Any = int(raw) if raw.lstrip("-").isdigit() else raw
-            if field == "source" and Path(raw).exists():
-                value = str(Path(raw).absolute())  # sources are stored as absolute paths
-            out[field] = value
+        def bad(why: str, spec: str = spec) -> CLIError:
+            return CLIError(f"--filter {spec!r}: {why}")
+
+        field, op, raw = _split_filter(spec, bad)
+        existing = out.get(field)
+        if op != "=":
+            bound = _filter_number(raw, bad)
+            if bound is None:
+                raise bad(f"{raw!r} is not a number ({field}{op}N compares numbers)")
+            key = _RANGE_OPS[op]
+            if existing is not None and not isinstance(existing, dict):
+                raise bad(f"{field} already has the condition ={existing!r}; a field takes one equality or a range")
+            side = ("gte", "gt") if key in ("gte", "gt") else ("lte", "lt")
+            if existing and any(k in existing for k in side):
+                which = "lower" if side[0] == "gte" else "upper"
+                raise bad(f"{field} already has a {which} bound; give at most one lower and one upper bound")
+            out[field] = {**(existing or {}), key: bound}
+            continue
+        if existing is not None:
+            raise bad(f"{field} is given twice (filters are ANDed; for any of several values write {field}=a|b)")
+        values = [_filter_value(text, quoted, bad) for text, quoted in _filter_alternatives(raw, bad)]
+        if field == "source":  # sources are stored as absolute paths
+            values = [str(Path(v).absolute()) if isinstance(v, str) and Path(v).exists() else v for v in values]
+        if len(values) == 1:
+            out[field] = values[0]
+            continue
+        for v in values:
+            if isinstance(v, (bool, float)):
+                raise bad(f"any of (|) takes text or integers, not {v!r} (match numbers with a fraction by a range)")
+        if len({type(v) for v in values}) > 1:
+            quoted = "|".join(f'"{v}"' if isinstance(v, int) else str(v) for v in values)
+            raise bad(f"any of (|) mixes text and integers; to match them all as text, quote the numbers: "
+                      f"{field}={quoted}")
+        out[field] = values
     return out or None
+
+
+_RANGE_OPS = {"<=": "lte", ">=": "gte", "<": "lt", ">": "gt"}
+_INT_RE = re.compile(r"[+-]?\d+\Z")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?\Z")
+# One alternative of an equality value: "text" | 'text' | bare text, then | or the end.
+_ALT_RE = re.compile(r"""\s*(?:"([^"]*)"|'([^']*)'|([^|"']*?))\s*(\||\Z)""")
+
+
+def _split_filter(spec: str, bad: Any) -> tuple[str, str, str]:
+    match = re.search(r"[<>=!]", spec)
+    if match is None:
+        raise bad("write FIELD=VALUE, FIELD=A|B, FIELD<=N, FIELD>=N, FIELD<N or FIELD>N")
+    i = match.start()
+    if spec[i] == "!":
+        raise bad("'!' is not an operator here (no 'not equal'): the operators are =, <, <=, >, >=")
+    op = spec[i:i + 2] if spec[i:i + 2] in ("<=", ">=") else spec[i]
+    field, raw = spec[:i].strip(), spec[i + len(op):].strip()
+    if not field:
+        raise bad(f"no field name before {op!r} (write FIELD{op}VALUE)")
+    if re.search(r"[\s|\"']", field):
+        raise bad(f"{field!r} is not a field name (no spaces, quotes or |)")
+    if not raw:
+        raise bad(f"no value after {op!r}")
+    if op == "=" and raw[0] in "<>=!":
+        meant = f"{field}={raw.lstrip('=')}" if raw[0] == "=" else f"{field}{raw}"
+        raise bad(f"the value starts with {raw[0]!r}: did you mean {meant}? Quote a value that starts so "
+                  f"({field}=\"{raw}\")")
+    return field, op, raw
+
+
+def _filter_alternatives(raw: str, bad: Any) -> list[tuple[str, bool]]:
+    """``[(text, quoted)]``: the ``|``-separated values of an equality."""
+    alternatives, pos = [], 0
+    while True:
+        match = _ALT_RE.match(raw, pos)
+        if match is None:
+            raise bad("an unclosed quote, or a quote inside an unquoted value: quote the whole value "
+                      "(title=\"it's\")")
+        double, single, bare, sep = match.groups()
+        if double is not None or single is not None:
+            alternatives.append((double if double is not None else single, True))
+        elif bare.strip():
+            alternatives.append((bare.strip(), False))
+        else:
+            raise bad("an empty value (nothing between two |, or at an end)")
+        if not sep:
+            return alternatives
+        pos = match.end()
+
+
+def _filter_number(text: str, bad: Any) -> int | float | None:
+    """An int, a finite float, or None when ``text`` is not written as a number."""
+    if _INT_RE.match(text):
+        return int(text)
+    if _FLOAT_RE.match(text):
+        number = float(text)
+        if not math.isfinite(number):
+            raise bad(f"{text!r} is beyond the range of numbers")
+        return number
+    return None
+
+
+def _filter_value(text: str, quoted: bool, bad: Any) -> Any:
+    if quoted:
+        return text
+    number = _filter_number(text, bad)
+    if number is not None:
+        return number
+    if text in ("true", "false"):
+        return text == "true"
+    return text
 
 
 def _store_location(args: argparse.Namespace) -> dict[str, Any]:
