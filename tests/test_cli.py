@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ume_retriever import UMEIndex
-from ume_retriever.cli import main, parse_filters
+from ume_retriever.cli import CLIError, main, parse_filters
 
 
 @pytest.fixture()
@@ -96,8 +96,8 @@ def test_errors_are_one_line_and_exit_nonzero(capsys, tmp_path, tiny_ckpt):
     assert code == 1 and "must be a number" in err
     code, _, err = run(capsys, "index", tmp_path, "--vectors", "disc,sparse", "--store", tmp_path / "s")
     assert code == 1 and "--vectors" in err
-    with pytest.raises(Exception):  # --verbose: the traceback, not one line
-        main(["--verbose", "info", "--store", str(tmp_path / "nothing")])
+    with pytest.raises(CLIError, match=r"^no UME index at .*nothing.* \(create one with `ume index PATHS`\)$"):
+        main(["--verbose", "info", "--store", str(tmp_path / "nothing")])  # --verbose: raised, not one line
 
 
 def test_filter_parsing(tmp_path):
