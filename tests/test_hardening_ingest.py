@@ -368,3 +368,16 @@ def test_a_large_ingest_leaves_the_store_searchable_at_hnsw_speed(encoder, tmp_p
     assert idx.add([Item(text="one more")], optimize=True).optimized is True and calls == [9, 10]
     assert idx.add([Item(text=f"even more {i}") for i in range(6)], optimize=False).optimized is False and calls == [9, 10]
     idx.close()
+
+
+@pytest.mark.parametrize("size", [(14400, 300), (300, 14400), (5000, 5000), (201, 199)])
+def test_a_pdf_page_is_rendered_within_the_pixel_cap_whatever_its_shape(tmp_path, size):
+    from ume_retriever.inputs.loaders import render_pdf_page
+
+    doc = pymupdf.open()
+    doc.new_page(width=size[0], height=size[1])
+    doc.save(str(tmp_path / "p.pdf"))
+    cap = 112 * 112
+    image = render_pdf_page(tmp_path / "p.pdf", 1, 144, cap)
+    assert image.width * image.height <= cap  # pymupdf's outward rounding included
+    assert image.width * image.height >= 0.9 * cap  # and not far below it

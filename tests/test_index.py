@@ -222,7 +222,7 @@ def test_kill_9_mid_ingest_then_resume(tiny_ckpt, tmp_path):
     store = tmp_path / "crash-store"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    kills = ["after_item_upsert:1", "after_item_upsert:1", "after_stale_delete:1",
+    kills = ["inside_store_creation", "after_item_upsert:1", "after_item_upsert:1", "after_stale_delete:1",
              "before_manifest_write:1"]
     for fault in kills:
         proc = _ingest_child(tiny_ckpt, store, corpus, script, fault)

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdf-dpi", type=int, default=144, help="PDF render resolution")
     p.add_argument("--chunk-chars", type=int, help="split text files into chunks of about this many characters")
     p.add_argument("--clip-seconds", type=float, help="split videos into clips of this length")
+    p.add_argument("--prune", action="store_true",
+                   help="also delete the points of files under the given folders that no longer exist")
+    p.add_argument("--retry-quarantined", action="store_true",
+                   help="try again files an earlier ingest died on while decoding them")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="follow symbolic links that lead out of the given folders (skipped by default)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("search", help="search with a text and/or image query")
@@ -243,6 +249,10 @@ def _open_index(args: argparse.Namespace, vectors: Sequence[str] | None = None, 
     from .inputs.loaders import LoaderConfig
     from .model.encoder import UMEEncoder
 
+    loader = None
+    if getattr(args, "pdf_dpi", None) is not None:  # built first: a bad setting fails before the model loads
+        loader = LoaderConfig(pdf_dpi=args.pdf_dpi, text_chunk_chars=args.chunk_chars,
+                              video_clip_seconds=args.clip_seconds, follow_symlinks=args.follow_symlinks)
     schema = _recorded(args)
     if must_exist and schema is None:
         raise CLIError(f"no UME index at {args.url or Path(args.store) / args.collection} "
@@ -256,10 +266,6 @@ def _open_index(args: argparse.Namespace, vectors: Sequence[str] | None = None, 
 
         hf_logging.disable_progress_bar()
     encoder = UMEEncoder.from_pretrained(model, **kwargs)
-    loader = None
-    if getattr(args, "pdf_dpi", None) is not None:
-        loader = LoaderConfig(pdf_dpi=args.pdf_dpi, text_chunk_chars=args.chunk_chars,
-                              video_clip_seconds=args.clip_seconds)
     loc = _store_location(args)
     return UMEIndex(encoder, loc.get("path"), url=loc.get("url"), api_key=loc.get("api_key"),
                     collection=args.collection, vectors=vectors or ("disc", "gen"), loader=loader)
@@ -270,29 +276,36 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
     if not vectors or not set(vectors) <= {"disc", "gen"}:
         raise CLIError(f"--vectors {args.vectors!r}: use disc, gen or disc,gen")
     with _open_index(args, vectors) as index:
-        report = index.add(args.paths, show_progress=not args.json)
+        report = index.add(args.paths, show_progress=not args.json, prune=args.prune,
+                           retry_quarantined=args.retry_quarantined)
         total = index.count()
     if args.json:
         print(json.dumps({"entries": [e.__dict__ for e in report.entries], "stale_removed": report.deleted_stale,
-                          "seconds": report.seconds, "points": total}, indent=2))
+                          "seconds": report.seconds, "points": total, "optimized": report.optimized}, indent=2))
         return 1 if report.failed else 0
     from rich.markup import escape
     from rich.table import Table
 
     summary = Table(title=escape(f"Indexed into {index.store.location}"))
-    for col in ("indexed", "unchanged", "failed", "stale removed", "points in index", "seconds"):
+    for col in ("indexed", "unchanged", "failed", "skipped", "removed", "stale removed", "points in index", "seconds"):
         summary.add_column(col, justify="right")
     summary.add_row(str(len(report.indexed)), str(len(report.unchanged)), str(len(report.failed)),
-                    str(report.deleted_stale), str(total), f"{report.seconds:.1f}")
+                    str(len(report.skipped)), str(len(report.removed)), str(report.deleted_stale), str(total),
+                    f"{report.seconds:.1f}")
     console.print(summary)
-    if report.failed:
-        failures = Table(title="Failed", title_style="bold red")
-        failures.add_column("source")
-        failures.add_column("where")
-        failures.add_column("reason", overflow="fold")
-        for e in report.failed:
-            failures.add_row(escape(e.source), escape(e.locator), escape(e.reason or ""))
-        console.print(failures)
+    for title, style, entries in (("Failed", "bold red", report.failed), ("Skipped", "yellow", report.skipped),
+                                  ("Removed (files gone)", "cyan", report.removed)):
+        if not entries:
+            continue
+        table = Table(title=title, title_style=style)
+        table.add_column("source")
+        table.add_column("where")
+        table.add_column("reason", overflow="fold")
+        for e in entries:
+            table.add_row(escape(e.source), escape(e.locator), escape(e.reason or ""))
+        console.print(table)
+    if report.optimized:
+        console.print("vector indexes (HNSW) built for the new points")
     return 1 if report.failed else 0
 
 
@@ -381,9 +394,17 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
         for _, payload in store.scroll({"kind": "item"}, ["modality", "source"]):
             modalities[payload.get("modality", "?")] += 1
             sources.add(payload.get("source", "?"))
+        # files whose last ingest failed: their last good version is what search serves
+        stale = {p["source"]: p["last_error"] for _, p in store.scroll({"kind": "manifest"}, ["source", "last_error"])
+                 if p.get("last_error")}
+        from .ingest_journal import IngestJournal, journal_path
+
+        quarantined = {s: e.get("reason") for s, e in
+                       IngestJournal(journal_path(str(store.location), args.collection)).quarantined.items()}
         info = {"location": store.location, "collection": args.collection, "model": schema.model,
                 "revision": schema.revision, "vector_size": schema.vector_size, "distance": schema.distance,
-                "items": sum(modalities.values()), "sources": len(sources), "by_modality": dict(modalities)}
+                "items": sum(modalities.values()), "sources": len(sources), "by_modality": dict(modalities),
+                "stale_sources": stale, "quarantined": quarantined}
     finally:
         store.close()
     if args.json:
@@ -397,6 +418,12 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
         table.add_row(key, escape(str(info[key])))
     for modality, n in sorted(modalities.items()):
         table.add_row(f"  {modality}", str(n))
+    table.add_row("stale sources", str(len(stale)))
+    for source, reason in sorted(stale.items()):
+        table.add_row(f"  {escape(source)}", escape(f"last ingest failed ({reason}): last good version served"))
+    table.add_row("quarantined", str(len(quarantined)))
+    for source, reason in sorted(quarantined.items()):
+        table.add_row(f"  {escape(source)}", escape(f"{reason}; retry: ume index PATH --retry-quarantined"))
     console.print(table)
     return 0
 

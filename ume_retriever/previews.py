@@ -120,14 +120,16 @@ def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 
 def _video_frame(source: str, payload: Mapping[str, Any]) -> Image.Image:
-    """The middle frame of the clip, at the video's own size.
-
-    decord cannot tell a video's size without decoding a frame, so this one frame is decoded
-    at full size (bounded by the codec's own frame limits) and the caller scales it down.
-    """
+    """The middle frame of the clip, decoded within ``PREVIEW_MAX_PIXELS`` (the size comes from
+    the video's headers, as at ingest)."""
     import decord
 
-    reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
+    from .inputs.media import capped_size, probe_video
+
+    info = probe_video(Path(source))
+    width, height = capped_size(info.width, info.height, PREVIEW_MAX_PIXELS)
+    size = {} if (width, height) == (info.width, info.height) else {"width": width, "height": height}
+    reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1, **size)
     if len(reader) == 0:
         raise ValueError("video has zero frames")
     fps = float(reader.get_avg_fps()) or 1.0

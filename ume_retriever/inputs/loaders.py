@@ -258,7 +258,10 @@ def render_page(page: Any, dpi: int, max_pixels: int | None) -> Image.Image:
     zoom = dpi / 72
     width, height = page.rect.width * zoom, page.rect.height * zoom
     if max_pixels and width * height > max_pixels:
-        zoom *= (max_pixels / (width * height)) ** 0.5
+        # pymupdf rounds the pixmap outward (up to a row and a column more): the largest zoom z
+        # with (w z + 2)(h z + 2) <= max_pixels keeps even the rounded pixmap within the cap
+        w, h = page.rect.width, page.rect.height
+        zoom = (-(w + h) + math.sqrt((w + h) ** 2 - w * h * (4 - max_pixels))) / (w * h)
     pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
     return Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
 
