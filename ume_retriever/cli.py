@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", default="rrf",
                    help="rrf (default), weighted, dbsf, disc, gen; parameters: weighted:disc=0.3,gen=0.7, rrf:k=61")
     p.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
-                   help="payload filter, repeatable (ANDed): modality=pdf_page, page=3, page<=3, source=/abs/a.pdf")
+                   help="payload filter, repeatable (ANDed): modality=pdf_page, page=3, page>=2, page<5, "
+                        "modality=image|pdf_page (any of), title=\"quoted text\" (docs/cli.md: the grammar)")
     p.add_argument("--gen-samples", type=int, default=1, help="sample this many reasoning chains (pass@k)")
     p.add_argument("--instruction", help="task instruction before the query text")
     p.add_argument("--json", action="store_true", help="print hits as JSON")
