@@ -17,19 +17,11 @@ import time
 import uuid
 
 import numpy as np
+from index_bench import p50  # the same median timer as the index benchmark (this folder)
 
 from ume_retriever.fusion import Fusion
 from ume_retriever.store import StoredPoint, StoreSchema, VectorQuery
 from ume_retriever.store.edge import EdgeStore
-
-
-def p50(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main() -> None:
