@@ -365,8 +365,9 @@ def test_concurrent_requests_share_one_engine_call_and_a_bad_one_fails_alone(ser
     client.sync_weights(policy)
     texts = ["a red circle", "a blue square at the top", "two green crosses"]
     prompts = [encoder.preparer.prepare(Item(text=t)) for t in texts]
-    broken = copy.copy(prompts[0])
-    broken.input_ids = torch.tensor([policy.config.text_config.vocab_size + 7])  # no such token
+    broken = copy.copy(prompts[0])  # passes the request checks; the model's patch embedding chokes on it
+    pixels = broken.vision["pixel_values"]
+    broken.vision = {**broken.vision, "pixel_values": pixels[:, :-1]}
     requests = [([prompts[0]], [3]), ([prompts[1], prompts[2]], [4, 5]), ([broken], [6])]
     results: dict[int, object] = {}
 
@@ -417,3 +418,277 @@ def _post_while_engine_busy(server, posts) -> None:
         assert len(server.sampler._pending) == len(posts)
     for t in threads:
         t.join(timeout=60)
+
+
+# -- hardening (issue 14, case 3): real HTTP on localhost ----------------------------------------
+
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(server):
+    """The same engine behind a server with an API key and a 1-second socket timeout."""
+    from ume_train.rollouts.server import RolloutServer
+
+    srv = RolloutServer(server.engine, model="m", fingerprint=server.info["fingerprint"], host="127.0.0.1", port=0,
+                        api_key=API_KEY, timeout=1.0).start()
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small(server):
+    """The same engine behind a server that takes bodies of at most 64 KiB."""
+    from ume_train.rollouts.server import RolloutServer
+    from ume_train.rollouts.wire import RequestLimits
+
+    srv = RolloutServer(server.engine, model="m", fingerprint=server.info["fingerprint"], host="127.0.0.1", port=0,
+                        limits=RequestLimits(max_body_bytes=64 * 1024)).start()
+    yield srv
+    srv.shutdown()
+
+
+def _raw(srv, data: bytes, *, wait: float = 10.0) -> tuple[bytes, float]:
+    """Send ``data`` on a fresh socket; (everything the server sent until it closed, seconds taken)."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(srv.url)
+    start = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=wait) as sock:
+        sock.sendall(data)
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got, time.monotonic() - start
+            got += chunk
+
+
+def _status_and_error(reply: bytes) -> tuple[int, str]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def _post_head(path: str, *headers: str) -> bytes:
+    return ("\r\n".join([f"POST {path} HTTP/1.1", "Host: localhost", *headers]) + "\r\n\r\n").encode()
+
+
+def test_rollout_server_answers_413_to_a_body_above_max_body_bytes(server, small, policy):
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
+    from ume_train.rollouts.wire import RequestLimits
+
+    # the default takes the largest tensor a 7B sync sends alone: Qwen2-VL-7B's embeddings in bf16
+    assert RequestLimits().max_body_bytes == 2 * 2**30 > 152064 * 3584 * 2
+    # 3 GiB promised, nothing sent: refused at once from the header, the body never waited for
+    reply, seconds = _raw(server, _post_head("/update_weights", f"Content-Length: {3 * 2**30}"))
+    status, error = _status_and_error(reply)
+    assert status == 413 and f"a body of {3 * 2**30} bytes is above this server's max_body_bytes={2 * 2**30}" in error
+    assert seconds < 5
+    # a real 100 KiB body against a 64 KiB cap: the reply still reaches the client
+    reply, _ = _raw(small, _post_head("/generate", f"Content-Length: {100 * 1024}") + b"x" * (100 * 1024))
+    assert _status_and_error(reply)[0] == 413
+    # the client knows the cap from /health and names what does not fit, before sending it
+    client = ServerRollouts(small.url, max_new_tokens=4, connect_timeout=10)
+    with pytest.raises(RolloutServerError, match="above the server's max_body_bytes=65536.*--max-body-bytes.*weights"):
+        client.sync_weights(policy)
+    assert client._request("GET", "/health")["status"] == "ok"
+
+
+@pytest.mark.parametrize("headers, error", [
+    (("Content-Length: -5",), "bad Content-Length: -5 is negative"),
+    ((), "Content-Length is required"),
+    (("Transfer-Encoding: chunked",), "chunked bodies are not accepted: send Content-Length"),
+    (("Content-Length: 4", "Content-Length: 9"), "bad Content-Length: given more than once"),
+])
+def test_rollout_server_answers_400_to_a_negative_or_missing_content_length(server, headers, error):
+    reply, _ = _raw(server, _post_head("/generate", *headers))
+    assert _status_and_error(reply) == (400, error)
+    with urllib.request.urlopen(server.url + "/health") as resp:  # still serving
+        assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_rollout_server_times_out_a_client_that_never_sends_its_body(guarded):
+    """A promised body that never comes: 408 after the socket timeout (1 s here), connection
+    closed, the handler thread gone. A connection that sends nothing at all is closed too."""
+    import threading
+    import time
+
+    before = set(threading.enumerate())
+    head = _post_head("/update_weights", f"Authorization: Bearer {API_KEY}", "Content-Length: 100")
+    reply, seconds = _raw(guarded, head + b"0123456789")
+    assert _status_and_error(reply) == (408, "the body did not arrive within 1 s")
+    assert 0.9 < seconds < 6
+    reply, seconds = _raw(guarded, b"")  # connect, say nothing
+    assert reply == b"" and seconds < 6
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(threading.enumerate()) - before
+
+
+def _generate_body(encoder, texts=("a red circle",), **sampling):
+    from ume_retriever import Item
+    from ume_train.rollouts.wire import SamplingRequest, encode_generate_request
+
+    prompts = [encoder.preparer.prepare(Item(text=t)) for t in texts]
+    settings = {"num_generations": 2, "seeds": list(range(len(prompts))), "max_new_tokens": 4, **sampling}
+    return prompts, encode_generate_request(prompts, SamplingRequest(**settings))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"num_generations": 0}, "num_generations must be an integer in \\[1, 256\\], got 0"),
+    ({"num_generations": 257}, "num_generations must be an integer in \\[1, 256\\], got 257"),
+    ({"num_generations": True}, "num_generations must be an integer"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer in \\[1, 32768\\], got 0"),
+    ({"max_new_tokens": 10**9}, "max_new_tokens must be an integer in \\[1, 32768\\]"),
+    ({"max_new_tokens": 4.5}, "max_new_tokens must be an integer"),
+    ({"temperature": 0.0}, "temperature must be in \\(0, 100.0\\], got 0.0"),
+    ({"temperature": -1.0}, "temperature must be in"),
+    ({"temperature": float("nan")}, "temperature must be in .*nan"),
+    ({"temperature": float("inf")}, "temperature must be in .*inf"),
+    ({"top_p": 0.0}, "top_p must be in \\(0, 1\\], got 0.0"),
+    ({"top_p": 1.5}, "top_p must be in \\(0, 1\\], got 1.5"),
+    ({"top_p": "1"}, "top_p must be in"),
+    ({"seeds": []}, "1 prompts but 0 seeds"),
+    ({"seeds": [1, 2]}, "1 prompts but 2 seeds"),
+    ({"seeds": [-1]}, "seeds must be integers in \\[0, 2\\*\\*63\\), got -1"),
+    ({"seeds": [2**64]}, "seeds must be integers in \\[0, 2\\*\\*63\\)"),
+    ({"seeds": [1.5]}, "seeds must be integers"),
+])
+def test_rollout_server_refuses_sampling_settings_out_of_bounds(server, encoder, bad, message):
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
+
+    client = ServerRollouts(server.url, max_new_tokens=4, connect_timeout=10)
+    _, body = _generate_body(encoder, **bad)
+    calls = server.sampler.engine_calls
+    with pytest.raises(RolloutServerError, match=f"400 ValueError: generate request: {message}"):
+        client._request("POST", "/generate", body)
+    assert server.sampler.engine_calls == calls  # refused before the engine
+
+
+def test_rollout_server_refuses_too_many_prompts_in_one_request(server, encoder):
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
+    from ume_train.rollouts.server import RolloutServer
+    from ume_train.rollouts.wire import RequestLimits
+
+    two = RolloutServer(server.engine, model="m", fingerprint=server.info["fingerprint"], host="127.0.0.1", port=0,
+                        limits=RequestLimits(max_prompts=2)).start()
+    try:
+        client = ServerRollouts(two.url, max_new_tokens=4, connect_timeout=10)
+        for texts in (("one", "two", "three"), ()):
+            _, body = _generate_body(encoder, texts=texts)
+            with pytest.raises(RolloutServerError,
+                               match=f"the number of prompts must be an integer in \\[1, 2\\], got {len(texts)}"):
+                client._request("POST", "/generate", body)
+    finally:
+        two.shutdown()
+
+
+def test_rollout_server_refuses_token_ids_outside_the_vocabulary_before_the_model(server, encoder, policy):
+    """ids >= the model's vocabulary (its embedding rows) or negative: 400, the engine never
+    called (on a GPU they would poison the CUDA context); the last id of the vocabulary passes."""
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
+
+    vocab = policy.get_input_embeddings().num_embeddings
+    client = ServerRollouts(server.url, max_new_tokens=2, connect_timeout=10)
+    client.sync_weights(policy)
+    (prompt,), _ = _generate_body(encoder)
+
+    def with_ids(ids, dtype=torch.long):
+        p = copy.copy(prompt)
+        p.input_ids = torch.cat([prompt.input_ids, torch.tensor(ids)]).to(dtype)
+        p.mm_token_type_ids = torch.cat([prompt.mm_token_type_ids, torch.zeros(len(ids), dtype=torch.long)])
+        return p
+
+    calls = server.sampler.engine_calls
+    for ids, bad in (([vocab], vocab), ([5, vocab + 1000], vocab + 1000), ([-1], -1)):
+        with pytest.raises(RolloutServerError, match=f"400 ValueError: .*prompt 0: token id {bad} is outside the "
+                                                     f"model's vocabulary \\(0..{vocab - 1}\\)"):
+            client.generate([with_ids(ids)], 2, [0])
+    with pytest.raises(RolloutServerError, match="input_ids must be a non-empty 1-d integer tensor, got torch.float32"):
+        client.generate([with_ids([1], dtype=torch.float32)], 2, [0])
+    assert server.sampler.engine_calls == calls
+    assert len(client.generate([with_ids([vocab - 1])], 2, [0])[0]) == 2  # in range: sampled
+
+
+def test_rollout_server_wants_its_api_key(guarded, encoder, monkeypatch):
+    import time
+
+    from ume_train.rollouts.client import RolloutServerError, ServerRollouts
+
+    monkeypatch.delenv("UME_ROLLOUT_API_KEY", raising=False)
+    get = "GET /health HTTP/1.1\r\nHost: localhost\r\n{}\r\n"
+    for auth in ("", "Authorization: Bearer wrong-key\r\n", f"Authorization: Basic {API_KEY}\r\n",
+                 f"Authorization: Bearer {API_KEY}x\r\n"):
+        reply, _ = _raw(guarded, get.format(auth).encode())
+        assert reply.startswith(b"HTTP/1.1 401") and b'WWW-Authenticate: Bearer realm="ume-rollout-server"' in reply
+        assert "missing or wrong API key" in _status_and_error(reply)[1]
+    reply, _ = _raw(guarded, get.format(f"Authorization: Bearer {API_KEY}\r\nConnection: close\r\n").encode())
+    assert reply.startswith(b"HTTP/1.1 200")
+    _, body = _generate_body(encoder)
+    reply, _ = _raw(guarded, _post_head("/generate", f"Content-Length: {len(body)}") + body)
+    assert _status_and_error(reply)[0] == 401
+    start = time.monotonic()  # a 401 is final: the client does not wait out its connect timeout
+    with pytest.raises(RolloutServerError, match="401 missing or wrong API key.*rollout_server_api_key or "
+                                                 "\\$UME_ROLLOUT_API_KEY"):
+        ServerRollouts(guarded.url, max_new_tokens=2, connect_timeout=60)
+    assert time.monotonic() - start < 10
+    with pytest.raises(RolloutServerError, match="401 .*the trainer's key is not the server's"):
+        ServerRollouts(guarded.url, max_new_tokens=2, connect_timeout=60, api_key="nope")
+    prompts, _ = _generate_body(encoder)
+    assert len(ServerRollouts(guarded.url, max_new_tokens=2, api_key=API_KEY).generate(prompts, 2, [0])[0]) == 2
+    monkeypatch.setenv("UME_ROLLOUT_API_KEY", API_KEY)  # the default key
+    assert len(ServerRollouts(guarded.url, max_new_tokens=2).generate(prompts, 2, [0])[0]) == 2
+
+
+def test_grpo_sends_rollout_server_api_key_and_never_writes_it_out(guarded, tiny_ckpt, tmp_path, monkeypatch):
+    from test_train_grpo import _grpo_args
+    from ume_retriever.inputs.records import read_records
+    from ume_train.data.synthetic import make_dataset
+    from ume_train.grpo import GRPOTrainer
+    from ume_train.rollouts.client import RolloutServerError
+
+    monkeypatch.delenv("UME_ROLLOUT_API_KEY", raising=False)
+    data = make_dataset(tmp_path / "shapes", train_per_scene=1, seed=0)
+    records = read_records(data.train).records[:2]
+    common = dict(rollout_backend="server", rollout_server_url=guarded.url, rollout_server_timeout=30, beta=0.0,
+                  max_steps=1)
+    assert _grpo_args(tmp_path, tiny_ckpt, **common).rollout_server_api_key is None  # default: the env variable
+    with pytest.raises(RolloutServerError, match="401"):
+        GRPOTrainer(args=_grpo_args(tmp_path, tiny_ckpt, **common), train_dataset=records)
+    args = _grpo_args(tmp_path, tiny_ckpt, rollout_server_api_key=API_KEY, **common)
+    assert API_KEY not in repr(args) and API_KEY not in str(args) and API_KEY not in json.dumps(args.to_dict())
+    updates = guarded.health()["weight_updates"]
+    trainer = GRPOTrainer(args=args, train_dataset=records)
+    trainer.train()
+    assert guarded.health()["weight_updates"] == updates + 1
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = (tmp_path / "saved" / "training_args.bin").read_bytes()
+    assert API_KEY.encode() not in saved
+    assert torch.load(tmp_path / "saved" / "training_args.bin", weights_only=False).rollout_server_api_key == \
+        "<ROLLOUT_SERVER_API_KEY>"
+    monkeypatch.setenv("UME_ROLLOUT_API_KEY", API_KEY)  # or from the environment
+    GRPOTrainer(args=_grpo_args(tmp_path, tiny_ckpt, **common), train_dataset=records)
+
+
+def test_rollout_server_refuses_a_non_loopback_address_without_an_api_key(server, tiny_ckpt, capsys, monkeypatch):
+    from helpers import free_port
+    from ume_train.cli import main
+    from ume_train.rollouts.server import RolloutServer, is_loopback
+
+    monkeypatch.delenv("UME_ROLLOUT_API_KEY", raising=False)
+    code = main(["rollout-server", "--model", str(tiny_ckpt), "--engine", "transformers", "--host", "0.0.0.0",
+                 "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("ume-train: error: refusing to listen on '0.0.0.0' without an API key")
+    assert "--api-key" in err and "UME_ROLLOUT_API_KEY" in err and "--insecure" in err
+    kwargs = dict(model="m", fingerprint=server.info["fingerprint"], port=0)
+    with pytest.raises(ValueError, match="refusing to listen on '0.0.0.0'"):
+        RolloutServer(server.engine, host="0.0.0.0", **kwargs)
+    for extra in ({"insecure": True}, {"api_key": API_KEY}):
+        RolloutServer(server.engine, host="0.0.0.0", **kwargs, **extra).shutdown()
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.8.9.10", "::1", "localhost")] == [True] * 4
+    assert [is_loopback(h) for h in ("0.0.0.0", "", "::", "10.0.0.5", "192.168.1.2")] == [False] * 5

@@ -4,7 +4,7 @@
     ume-train grpo --config examples/train/grpo_tiny_cpu.yaml [--dry-run]
     torchrun --nproc_per_node 8 -m ume_train.cli sft --config examples/train/sft_2b_zero3.yaml
     ume-train synthetic ./shapes --modalities image,video,pdf
-    ume-train rollout-server --model ./sft-ckpt --engine vllm --host 10.0.0.5 --port 8000   # rollouts for GRPO
+    UME_ROLLOUT_API_KEY=... ume-train rollout-server --model ./sft-ckpt --engine vllm --host 10.0.0.5   # rollouts for GRPO
 
 Keys on the command line override the file's. ``--dry-run`` parses and validates the config,
 reads and checks every record (media present, reasoning present), prepares every record as
@@ -169,7 +169,12 @@ def run_training(kind: str, args: Any) -> dict[str, Any]:
 
 
 def serve_rollouts(ns: argparse.Namespace) -> None:
-    from .rollouts.server import RolloutServer, load_engine
+    from .rollouts.server import API_KEY_ENV, RolloutServer, check_listen_address, load_engine
+    from .rollouts.wire import RequestLimits
+
+    api_key = ns.api_key or os.environ.get(API_KEY_ENV) or None
+    check_listen_address(ns.host, api_key, ns.insecure)  # before minutes of loading the engine
+    limits = RequestLimits() if ns.max_body_bytes is None else RequestLimits(max_body_bytes=ns.max_body_bytes)
 
     options = {"device": ns.device, "dtype": ns.dtype, "gpu_memory_utilization": ns.gpu_memory_utilization,
                "tensor_parallel_size": ns.tensor_parallel_size, "max_model_len": ns.max_model_len,
@@ -180,7 +185,8 @@ def serve_rollouts(ns: argparse.Namespace) -> None:
             raise ValueError(f"--engine transformers takes no {', '.join('--' + k.replace('_', '-') for k in ignored)}")
     engine, fingerprint = load_engine(ns.model, ns.engine, **options)
     server = RolloutServer(engine, model=ns.model, fingerprint=fingerprint, host=ns.host, port=ns.port,
-                           engine_name=ns.engine)
+                           engine_name=ns.engine, api_key=api_key, insecure=ns.insecure, limits=limits,
+                           timeout=ns.timeout)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -206,8 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--model", required=True, help="the checkpoint the trainer starts from")
     srv.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
     srv.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on; the server has no authentication: use a private network")
+                     help="address to listen on; any but a loopback one needs --api-key (or --insecure)")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None,
+                     help="bearer token every request must carry (default: $UME_ROLLOUT_API_KEY; the variable keeps "
+                          "it out of the process list)")
+    srv.add_argument("--insecure", action="store_true",
+                     help="serve a non-loopback address without an API key (anyone reaching it can replace the weights)")
+    srv.add_argument("--max-body-bytes", type=int, default=None,
+                     help="largest request body (default 2 GiB: above a 7B model's embeddings in bf16, the "
+                          "largest tensor a weight sync sends alone); larger ones get 413")
+    srv.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds any socket read or write may wait (a client that stops sending gets 408)")
     srv.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     srv.add_argument("--device", default=None, help="transformers engine: cpu, cuda, cuda:1, ...")
     srv.add_argument("--gpu-memory-utilization", type=float, default=None, help="vllm engine")

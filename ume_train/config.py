@@ -30,6 +30,8 @@ class TrainConfig(TrainingArguments):
 
     # Whether training reads both sides' reasoning from the records (SFT) or samples its own (GRPO).
     trains_on_reasoning: ClassVar[bool] = False
+    # Fields never written out in clear (to_dict, str, training_args.bin in checkpoints).
+    secret_fields: ClassVar[tuple[str, ...]] = ()
 
     model_name_or_path: str | None = field(default=None, **_help(
         "Checkpoint to start from: a UME-R1 checkpoint or a Qwen2-VL one already extended with "
@@ -70,8 +72,26 @@ class TrainConfig(TrainingArguments):
         if self.remove_unused_columns:
             raise ValueError(f"remove_unused_columns must stay False: {type(self).__name__} batches are not flat tensors")
 
+    def to_dict(self) -> dict:
+        """``TrainingArguments.to_dict`` (what trackers log) with the secret fields hidden."""
+        d = super().to_dict()
+        for name in self.secret_fields:
+            if d.get(name):
+                d[name] = f"<{name.upper()}>"
+        return d
 
-@dataclass
+    def __str__(self) -> str:
+        text = super().__str__()
+        for name in self.secret_fields:
+            value = getattr(self, name, None)
+            if value:
+                text = text.replace(f"{name}={value},", f"{name}=<{name.upper()}>,")
+        return text
+
+    __repr__ = __str__
+
+
+@dataclass(repr=False)  # TrainConfig's repr: secrets hidden
 class SFTConfig(TrainConfig):
     """UME-R1 cold-start SFT. Defaults follow the paper (lr 5e-5, cosine, warmup 3%, no weight
     decay, grad-norm clip 1, loss weights 1, logit scale 50, vision tower frozen)."""
@@ -114,7 +134,7 @@ class SFTConfig(TrainConfig):
             raise ValueError("lora_r must be > 0")
 
 
-@dataclass
+@dataclass(repr=False)  # TrainConfig's repr: secrets hidden
 class GRPOConfig(TrainConfig):
     """UME-R1 reinforcement learning (GRPO with the embedding reward). Defaults follow the paper:
     G=8 rollouts per prompt for queries and targets, temperature 1, clip 0.2/0.28, KL 0.04
@@ -140,6 +160,9 @@ class GRPOConfig(TrainConfig):
         "`ume-train rollout-server` at rollout_server_url, weights sent each step)."))
     rollout_server_url: str = field(default="http://127.0.0.1:8000", **_help("The rollout server (rollout_backend=server)."))
     rollout_server_timeout: float = field(default=600.0, **_help("Seconds to wait for the rollout server to come up."))
+    rollout_server_api_key: str | None = field(default=None, **_help(
+        "The rollout server's --api-key, sent as a bearer token (default: the environment variable "
+        "UME_ROLLOUT_API_KEY; never logged nor saved in checkpoints)."))
     vllm_gpu_memory_utilization: float = field(default=0.3, **_help(
         "Share of the GPU the colocated vLLM engine may take (the rest is training's)."))
     vllm_max_model_len: int | None = field(default=None, **_help("vLLM context length (default: the model's)."))
@@ -151,6 +174,8 @@ class GRPOConfig(TrainConfig):
     dataloader_drop_last: bool = field(default=True, **_help(
         "Equal batches on every process (the embedding reward gathers them)."))
 
+    secret_fields: ClassVar[tuple[str, ...]] = ("rollout_server_api_key",)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_generations < 2:
@@ -159,6 +184,10 @@ class GRPOConfig(TrainConfig):
             raise ValueError("beta, epsilon_low and epsilon_high must be >= 0")
         if self.max_completion_length < 1:
             raise ValueError("max_completion_length must be >= 1")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.extra_reward_weights and len(self.extra_reward_weights) != len(self.extra_reward_funcs):
             raise ValueError("give one extra_reward_weights entry per extra_reward_funcs entry")
         if self.rollout_backend not in ROLLOUT_BACKENDS:

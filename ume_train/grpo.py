@@ -155,7 +155,8 @@ class GRPOTrainer(UMETrainerMixin, Trainer):
         if args.rollout_backend == "server":
             from .rollouts.client import ServerRollouts
 
-            server = ServerRollouts(args.rollout_server_url, connect_timeout=args.rollout_server_timeout, **sampling)
+            server = ServerRollouts(args.rollout_server_url, connect_timeout=args.rollout_server_timeout,
+                                    api_key=args.rollout_server_api_key, **sampling)  # None: $UME_ROLLOUT_API_KEY
             server.check_model(model.config, processor)
             return server
         if args.rollout_backend == "vllm":

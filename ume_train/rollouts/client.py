@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -24,23 +25,31 @@ from ume_retriever.model.checkpoint import pixel_caps
 from ume_retriever.model.preprocess import PreparedInput
 
 from .generator import Rollout
-from .wire import SamplingRequest, config_fingerprint, decode_rollouts, encode_generate_request
+from .wire import API_KEY_ENV, SamplingRequest, config_fingerprint, decode_rollouts, encode_generate_request
 from .weight_sync import DEFAULT_CHUNK_BYTES, named_full_weights, to_bytes, weight_chunks
 
 logger = logging.getLogger(__name__)
 
 
+
+
 class RolloutServerError(RuntimeError):
-    """The rollout server refused a request or could not be reached."""
+    """The rollout server refused a request or could not be reached; ``status``: its HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ServerRollouts:
     def __init__(self, url: str, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  connect_timeout: float = 600.0, request_timeout: float = 3600.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chunks_in_flight: int = 2):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chunks_in_flight: int = 2, api_key: str | None = None):
         """Waits up to ``connect_timeout`` seconds for the server to come up (it may still be loading).
-        ``chunks_in_flight``: weight chunks being serialised/sent at once during a sync."""
+        ``chunks_in_flight``: weight chunks being serialised/sent at once during a sync.
+        ``api_key``: the server's key (default: ``$UME_ROLLOUT_API_KEY``), sent as a bearer token."""
         self.url = url.rstrip("/")
+        self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -55,6 +64,8 @@ class ServerRollouts:
             try:
                 return self._request("GET", "/health", timeout=10)
             except RolloutServerError as exc:
+                if exc.status == 401:  # it is up, and waiting will not change its mind
+                    raise
                 if time.monotonic() >= deadline:
                     raise RolloutServerError(f"no rollout server at {self.url} after {timeout:.0f} s "
                                              f"(start one with `ume-train rollout-server --model ...`): {exc}") from None
@@ -62,8 +73,15 @@ class ServerRollouts:
                 time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
     def _request(self, method: str, path: str, body: bytes | None = None, timeout: float | None = None) -> dict:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/octet-stream"})
+        limit = (getattr(self, "info", None) or {}).get("limits", {}).get("max_body_bytes")
+        if body is not None and limit is not None and len(body) > limit:
+            raise RolloutServerError(f"rollout server {self.url}{path}: a request of {len(body)} bytes is above the "
+                                     f"server's max_body_bytes={limit}: start it with a larger --max-body-bytes",
+                                     status=413)
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.request_timeout) as resp:
                 return json.loads(resp.read())
@@ -72,7 +90,12 @@ class ServerRollouts:
                 reason = json.loads(exc.read()).get("error", exc.reason)
             except ValueError:
                 reason = exc.reason
-            raise RolloutServerError(f"rollout server {self.url}{path}: {exc.code} {reason}") from None
+            hint = ""
+            if exc.code == 401:
+                hint = (f" (give the trainer the server's key: rollout_server_api_key or ${API_KEY_ENV})"
+                        if not self.api_key else " (the trainer's key is not the server's)")
+            raise RolloutServerError(f"rollout server {self.url}{path}: {exc.code} {reason}{hint}",
+                                     status=exc.code) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise RolloutServerError(f"rollout server {self.url}{path}: {type(exc).__name__}: {exc}") from None
 
@@ -130,7 +153,13 @@ class ServerRollouts:
             raise RolloutServerError(f"weight sync failed: {error}")
 
     def _send_chunk(self, chunk: dict) -> None:
-        self._request("POST", "/update_weights", to_bytes(chunk))
+        try:
+            self._request("POST", "/update_weights", to_bytes(chunk))
+        except RolloutServerError as exc:
+            if exc.status == 413:  # name what did not fit
+                names = ", ".join(list(chunk)[:3]) + (" ..." if len(chunk) > 3 else "")
+                raise RolloutServerError(f"{exc} (weights {names})", status=413) from None
+            raise
 
 
 def _failure(future: Future) -> list[str]:
