@@ -5,6 +5,7 @@ what the build costs (the first time, and again after a further batch of points)
     python benchmarks/hnsw_after_ingest.py                      # 20k points, 1536 dims (UME-R1-2B)
     python benchmarks/hnsw_after_ingest.py --points 5000 --dim 256
 
+Vectors are clustered like real embeddings (index_bench.clustered), queries near stored ones.
 Prints one JSON object; the ratio is brute-force p50 / HNSW p50 (higher: the optimize pays).
 """
 
@@ -17,7 +18,7 @@ import time
 import uuid
 
 import numpy as np
-from index_bench import p50  # the same median timer as the index benchmark (this folder)
+from index_bench import clustered, near, p50  # the index benchmark's data shape and timer (this folder)
 
 from ume_retriever.fusion import Fusion
 from ume_retriever.store import StoredPoint, StoreSchema, VectorQuery
@@ -34,12 +35,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     n, dim = args.points, args.dim
 
-    def points(start: int, count: int) -> list[StoredPoint]:
-        vectors = rng.normal(size=(2, count, dim)).astype(np.float32)
-        return [StoredPoint(str(uuid.UUID(int=start + i)), {"disc": vectors[0, i], "gen": vectors[1, i]},
-                            {"kind": "item", "source": f"s{(start + i) % 100}"}) for i in range(count)]
+    # vectors shaped like real embeddings (topic clusters), queries near stored ones
+    disc, gen = clustered(n + args.more, dim, rng), clustered(n + args.more, dim, rng)
 
-    queries = rng.normal(size=(args.queries, 2, dim)).astype(np.float32)
+    def points(start: int, count: int) -> list[StoredPoint]:
+        return [StoredPoint(str(uuid.UUID(int=i)), {"disc": disc[i], "gen": gen[i]},
+                            {"kind": "item", "source": f"s{i % 100}"}) for i in range(start, start + count)]
+
+    picked = rng.integers(0, n, args.queries)
+    queries = np.stack([near(disc[picked], rng), near(gen[picked], rng)], axis=1)
     qi = iter(range(10**9))
     rrf = Fusion("rrf")
     with tempfile.TemporaryDirectory() as tmp:
