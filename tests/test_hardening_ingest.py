@@ -381,3 +381,22 @@ def test_a_pdf_page_is_rendered_within_the_pixel_cap_whatever_its_shape(tmp_path
     image = render_pdf_page(tmp_path / "p.pdf", 1, 144, cap)
     assert image.width * image.height <= cap  # pymupdf's outward rounding included
     assert image.width * image.height >= 0.9 * cap  # and not far below it
+
+
+def test_two_ingests_at_once_each_journal_their_decodes_and_none_outlives_its_ingest(tmp_path):
+    from ume_retriever.ingest_journal import IngestJournal
+    from ume_retriever.inputs import decode_guard
+
+    a, b = IngestJournal(tmp_path / "a.json"), IngestJournal(tmp_path / "b.json")
+    first, second = decode_guard.watching(a), decode_guard.watching(b)
+    first.__enter__()
+    second.__enter__()
+    with decode_guard.decoding(tmp_path / "x.mp4"):
+        seen = (dict(a.decoding), dict(b.decoding))
+    first.__exit__(None, None, None)  # the first ingest ends while the second still runs
+    with decode_guard.decoding(tmp_path / "y.pdf"):
+        during = (dict(a.decoding), dict(b.decoding))
+    second.__exit__(None, None, None)
+    assert [list(j) for j in seen] == [[str(tmp_path / "x.mp4")]] * 2
+    assert during == ({}, {str(tmp_path / "y.pdf"): during[1][str(tmp_path / "y.pdf")]})
+    assert decode_guard._watchers == [] and a.decoding == b.decoding == {}

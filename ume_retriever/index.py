@@ -250,7 +250,20 @@ class UMEIndex:
         inputs = list(inputs)
         self.journal.recover()
         self._retry_quarantined = retry_quarantined
-        previous_watcher = decode_guard.install(self.journal)
+        with decode_guard.watching(self.journal):
+            self._ingest(inputs, report, show_progress)
+        if prune:
+            self._prune(inputs, report)
+        written = len(report.indexed)
+        if optimize or (optimize is None and written >= OPTIMIZE_AFTER_POINTS):
+            self.store.optimize()
+            report.optimized = True
+        report.seconds = time.perf_counter() - started
+        logger.info("ingest: %s", report.summary())
+        return report
+
+    def _ingest(self, inputs: list[Any], report: IngestReport, show_progress: bool) -> None:
+        """The loader thread and the encode/upsert loop of one ``add``."""
         # Bounded (rendered pages wait here), but deep enough for the loader to run a flush ahead.
         work: queue.Queue = queue.Queue(maxsize=2 * self.batch_size * self.flush_batches)
         stop = threading.Event()  # set when this call ends, however it ends: the loader quits
@@ -307,16 +320,6 @@ class UMEIndex:
             finally:
                 stop.set()  # a consumer that raised must not leave the loader blocked on a full queue
                 loader.join()
-                decode_guard.install(previous_watcher)
-        if prune:
-            self._prune(inputs, report)
-        written = len(report.indexed)
-        if optimize or (optimize is None and written >= OPTIMIZE_AFTER_POINTS):
-            self.store.optimize()
-            report.optimized = True
-        report.seconds = time.perf_counter() - started
-        logger.info("ingest: %s", report.summary())
-        return report
 
     def update(self, inputs: Iterable[Any] | str | os.PathLike, **kwargs: Any) -> IngestReport:
         """Same as ``add``: changed content replaces its old points, unchanged content is skipped."""

@@ -2,13 +2,14 @@
 journal: a file that crashes the decoder (a segfault, an abort) kills the process, and the
 next ingest must know which file it was so that it does not crash on it again and again.
 
-The index installs one ``DecodeWatcher`` for the length of an ingest; with none installed,
-``decoding`` costs one attribute lookup.
+Each running ingest registers its journal (``watching``) for its length; with none registered,
+``decoding`` costs a list copy.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
@@ -19,26 +20,34 @@ class DecodeWatcher(Protocol):
     def end(self, source: str) -> None: ...
 
 
-_watcher: DecodeWatcher | None = None
+_watchers: list[DecodeWatcher] = []  # one per running ingest (several indexes may ingest at once)
+_lock = threading.Lock()
 
 
-def install(watcher: DecodeWatcher | None) -> DecodeWatcher | None:
-    """Set the watcher (None removes it); returns the one it replaces."""
-    global _watcher
-    previous, _watcher = _watcher, watcher
-    return previous
+@contextmanager
+def watching(watcher: DecodeWatcher) -> Iterator[None]:
+    """Tell ``watcher`` about every native decode in this process while the body runs."""
+    with _lock:
+        _watchers.append(watcher)
+    try:
+        yield
+    finally:
+        with _lock:
+            _watchers.remove(watcher)
 
 
 @contextmanager
 def decoding(source: str | os.PathLike) -> Iterator[None]:
     """The body decodes ``source`` with a native library."""
-    watcher = _watcher
-    if watcher is None:
+    watchers = list(_watchers)
+    if not watchers:
         yield
         return
     name = os.fspath(source)
-    watcher.begin(name)
+    for w in watchers:
+        w.begin(name)
     try:
         yield
     finally:
-        watcher.end(name)
+        for w in watchers:
+            w.end(name)
