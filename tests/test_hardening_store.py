@@ -474,12 +474,12 @@ def test_case6_expired_lease_is_taken_over_and_the_old_writer_is_told():
     from qdrant_client import QdrantClient
 
     client = QdrantClient(":memory:")
-    a = QdrantStore(SCHEMA, client=client, writer_id="writer-a", lease_seconds=0.5)
+    a = QdrantStore(SCHEMA, client=client, writer_id="writer-a", lease_seconds=3)
     b = QdrantStore(SCHEMA, client=client, writer_id="writer-b", lease_seconds=60)
     a.upsert(_points(4, "a"))
     with pytest.raises(WriterLeaseError):
         b.upsert(_points(2, "b"))
-    time.sleep(0.6)  # writer-a paused longer than its lease
+    time.sleep(3.1)  # writer-a paused longer than its lease
     b.upsert(_points(2, "b"))
     with pytest.raises(WriterLeaseError) as info:
         a.upsert(_points(4, "late"))

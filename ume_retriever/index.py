@@ -284,6 +284,7 @@ class UMEIndex:
             # Files whose items are all in the store now: drop stale points, write manifests.
             done = [(src, fhash, source_ids.get(src, {})) for src, fhash in loaded_sources if src not in source_failed]
             report.deleted_stale += self._finish_sources(done)
+            self.journal.settle([src for src, _ in loaded_sources])
             loaded_sources.clear()
 
         with tqdm(desc="indexing", unit="item", disable=not show_progress) as bar:
@@ -419,11 +420,15 @@ class UMEIndex:
     def _unchanged_file(self, source: str, fhash: str) -> list[IngestEntry] | None:
         """Entries for a file whose manifest says it is fully indexed as it is now, with these
         settings, else None."""
-        found = self.store.scroll({"source": source, "kind": "manifest"}, ["file_hash", "settings", "items"])
+        found = self.store.scroll({"source": source, "kind": "manifest"},
+                                  ["kind", "source", "file_hash", "settings", "items", "last_error", "last_error_at"])
         for _, manifest in found:
             if manifest.get("file_hash") == fhash and manifest.get("settings") == self.manifest_settings:
                 items = manifest.get("items", [])
                 if self.store.count({"source": source, "kind": "item"}) == len(items):
+                    if manifest.get("last_error"):  # restored to its indexed version: no longer stale
+                        clean = {k: v for k, v in manifest.items() if k not in ("last_error", "last_error_at")}
+                        self.store.upsert([StoredPoint(id=manifest_id(source), vectors={}, payload=clean)])
                     return [IngestEntry(source, loc, "unchanged", id=pid) for pid, loc in items]
         return None
 
@@ -528,7 +533,7 @@ class UMEIndex:
         for kind in ("manifest", "item"):  # items too: a file deleted before its manifest was written
             for _, payload in self.store.scroll({"kind": kind}, ["source"]):
                 source = payload.get("source")
-                if (isinstance(source, str) and source not in gone and not os.path.lexists(source)
+                if (isinstance(source, str) and source not in gone and _surely_gone(source)
                         and any(source.startswith(folder + os.sep) for folder in folders)):
                     gone.add(source)
         for source in sorted(gone):
@@ -611,6 +616,18 @@ def source_keys(source: str | os.PathLike) -> list[str]:
     if not isinstance(source, os.PathLike) and text not in keys:
         keys.append(text)
     return keys
+
+
+def _surely_gone(path: str) -> bool:
+    """True only when the file does not exist; an unreadable folder or a failing mount is not
+    "gone" (its points must not be pruned)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _payload_text(text: str | None) -> tuple[str | None, bool]:

@@ -5,8 +5,11 @@ A JSON file next to the embedded store (``<store>/ingest_journal.json``), or in 
 folder for a server store. While an ingest runs, every native decode of a file (a video's
 headers or frames, a PDF's pages) is written to it before it starts and removed when it ends
 (atomic replace, no fsync: it must survive the process, not the machine). An ingest that finds
-entries of a process that no longer runs moves them to ``quarantined``; a quarantined file is
-reported as failed, with how to retry, until it changes or the caller asks to retry.
+entries of a process that no longer runs counts a strike against each; a file that was being
+decoded when two runs died is quarantined (one death may be a ``kill -9`` or another thread's
+crash: an innocent file must not pay for it). A quarantined file is reported as failed, with
+how to retry, until it changes or the caller asks to retry. A journal that cannot be written
+(a read-only cache folder) is kept in memory, with one warning.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import tempfile
 import threading
+import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +29,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "ingest_journal.json"
+STRIKES_TO_QUARANTINE = 2
+_RUN = uuid.uuid4().hex  # this process's identity: a restarted process may get the same pid
 
 
 def journal_path(location: str, collection: str) -> Path | None:
@@ -38,7 +44,9 @@ def journal_path(location: str, collection: str) -> Path | None:
     return Path(base).expanduser() / "ingest" / f"{key}.json"
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, run: str | None) -> bool:
+    if pid == os.getpid():
+        return run == _RUN
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,6 +66,8 @@ class IngestJournal:
         self._hashes: dict[str, str] = {}  # source -> the file hash its coming decodes read
         self.decoding: dict[str, dict[str, Any]] = {}
         self.quarantined: dict[str, dict[str, Any]] = {}
+        self.strikes: dict[str, dict[str, Any]] = {}  # source -> {"count", "file_hash"}: runs that died on it
+        self._unwritable = False
         self._read()
 
     def _read(self) -> None:
@@ -67,34 +77,51 @@ class IngestJournal:
             data = json.loads(self.path.read_text())
             self.decoding = dict(data.get("decoding", {}))
             self.quarantined = dict(data.get("quarantined", {}))
+            self.strikes = dict(data.get("strikes", {}))
         except (OSError, ValueError, AttributeError) as exc:
             logger.warning("ingest journal %s is unreadable (%s): starting a new one", self.path, exc)
 
     def _write(self) -> None:
-        if self.path is None:
+        if self.path is None or self._unwritable:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps({"decoding": self.decoding, "quarantined": self.quarantined}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".journal-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, self.path)
+        data = json.dumps({"decoding": self.decoding, "strikes": self.strikes, "quarantined": self.quarantined},
+                          indent=1)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".journal-", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            self._unwritable = True
+            logger.warning("ingest journal %s cannot be written (%s): kept in memory; a file that crashes the "
+                           "decoder will not be quarantined", self.path, exc)
 
     def recover(self) -> list[str]:
-        """Move the decodes of dead processes to quarantine; returns their sources."""
+        """Count a strike for each decode a dead process left; quarantine the files with
+        ``STRIKES_TO_QUARANTINE``. Returns the newly quarantined sources."""
         with self._lock:
-            dead = {s: e for s, e in self.decoding.items() if not _alive(int(e.get("pid", 0)))}
+            dead = {s: e for s, e in self.decoding.items()
+                    if not _alive(int(e.get("pid", 0)), e.get("run"))}
+            newly = []
             for source, entry in dead.items():
                 del self.decoding[source]
-                self.quarantined[source] = {
-                    "file_hash": entry.get("file_hash"), "since": entry.get("since"),
-                    "reason": f"the ingest of {entry.get('since')} (pid {entry.get('pid')}) died while decoding it",
-                }
+                strike = self.strikes.get(source, {})
+                count = (strike.get("count", 0) if strike.get("file_hash") == entry.get("file_hash") else 0) + 1
+                self.strikes[source] = {"count": count, "file_hash": entry.get("file_hash")}
+                if count >= STRIKES_TO_QUARANTINE:
+                    del self.strikes[source]
+                    newly.append(source)
+                    self.quarantined[source] = {
+                        "file_hash": entry.get("file_hash"), "since": entry.get("since"),
+                        "reason": f"{count} ingests died while decoding it (the last: {entry.get('since')}, "
+                                  f"pid {entry.get('pid')})",
+                    }
             if dead:
                 self._write()
-                logger.warning("quarantined %d file(s) that were being decoded when an ingest died: %s",
-                               len(dead), ", ".join(sorted(dead)))
-            return sorted(dead)
+                logger.warning("ingests died while decoding %s; quarantined: %s", ", ".join(sorted(dead)),
+                               ", ".join(newly) or "none yet (a file is quarantined at its second such death)")
+            return sorted(newly)
 
     def quarantine_reason(self, source: str, file_hash: str) -> str | None:
         """Why ``source`` is quarantined, or None (never was, or changed since)."""
@@ -125,7 +152,8 @@ class IngestJournal:
         with self._lock:
             self._active[source] += 1
             if self._active[source] == 1:
-                self.decoding[source] = {"pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(),
+                self.decoding[source] = {"pid": os.getpid(), "run": _RUN,
+                                         "since": datetime.now(timezone.utc).isoformat(),
                                          "file_hash": self._hashes.get(source)}
                 self._write()
 
@@ -135,4 +163,10 @@ class IngestJournal:
             if self._active[source] <= 0:
                 del self._active[source]
                 self.decoding.pop(source, None)
+                self._write()
+
+    def settle(self, sources: list[str]) -> None:
+        """These files were ingested (or failed cleanly) to the end: earlier deaths were not theirs."""
+        with self._lock:
+            if any(self.strikes.pop(s, None) is not None for s in list(sources)):
                 self._write()

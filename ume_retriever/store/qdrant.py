@@ -11,10 +11,12 @@ expiry); see ``QdrantStore`` for what it guarantees and what it cannot.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
 import threading
+import weakref
 import time
 import uuid
 from datetime import datetime, timezone
@@ -83,6 +85,8 @@ class QdrantStore:
         self.writer_id = writer_id or f"{socket.gethostname()}:pid{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_seconds = float(lease_seconds)
         self._lease_expires: float | None = None  # set while this store holds the writer lease
+        # A script that exits without close() must not leave its lease to block its own next run.
+        atexit.register(_release_at_exit, weakref.ref(self))
 
         self._m = models
         # Local mode is brute force (exact) and warns about search params: servers only.
@@ -217,6 +221,10 @@ class QdrantStore:
             raise self._holder_error(after or {"owner": "unknown", "expires_at": expires}, time.time(), False)
         self._lease_expires = expires
 
+    def _release_lease_now(self) -> None:
+        with self._mutex:
+            self._release_lease()
+
     def _release_lease(self) -> None:
         if self._lease_expires is None:
             return
@@ -323,3 +331,9 @@ class QdrantStore:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _release_at_exit(ref: "weakref.ref[QdrantStore]") -> None:
+    store = ref()
+    if store is not None and store._lease_expires is not None:
+        store._release_lease_now()
