@@ -186,3 +186,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class CountingEncoder:
+    """A real encoder, counting how often it is asked to encode (to see cache hits)."""
+
+    def __init__(self, encoder):
+        self.inner, self.calls = encoder, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.encode(*args, **kwargs)
+
+
+def run_in_threads(fn, threads: int) -> list:
+    """``fn(i)`` in ``threads`` threads started together; each result, or the exception it raised."""
+    import threading
+
+    barrier = threading.Barrier(threads)
+    got: list = [None] * threads
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            got[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test, which asserts on it
+            got[i] = exc
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return got

@@ -12,6 +12,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
+from helpers import CountingEncoder
 from ume_retriever import Item
 from ume_retriever.evaluation import EvalQuery, EvalTask, hit_at_k, load_task, mrr_at_k, ndcg_at_k
 from ume_retriever.evaluation.cache import CachedEncoder
@@ -85,16 +86,6 @@ def test_runner_matches_a_numpy_recomputation_and_both_paths_agree(encoder, tmp_
     assert overall / len(task.queries) == pytest.approx(exact.modes["disc"]["hit@1"])
 
 
-class CountingEncoder:
-    def __init__(self, encoder):
-        self.inner, self.calls = encoder, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def encode(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner.encode(*args, **kwargs)
 
 
 def test_results_are_cached_per_model_and_content(encoder, tmp_path):

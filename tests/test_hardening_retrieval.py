@@ -11,7 +11,6 @@ import logging
 import os
 import pickle
 import shutil
-import threading
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from helpers import write_mp4
+from helpers import CountingEncoder, run_in_threads, write_mp4
 from ume_retriever import Item, UMEIndex
 from ume_retriever.evaluation.cache import CachedEncoder
 from ume_retriever.previews import PREVIEW_DPI, PREVIEW_MAX_PIXELS, preview_path
@@ -64,21 +63,7 @@ def test_preview_same_page_from_many_threads_gives_one_valid_png(tmp_path):
     threads, rounds = 12, 8
     for r in range(rounds):  # a fresh cache each round: every thread has to render
         cache = tmp_path / f"cache{r}"
-        barrier = threading.Barrier(threads)
-        got: list = [None] * threads
-
-        def ask(i: int, barrier=barrier, got=got, cache=cache) -> None:
-            barrier.wait()
-            try:
-                got[i] = preview_path(page_payload(pdf), cache)
-            except BaseException as exc:  # noqa: BLE001 - recorded, asserted below
-                got[i] = exc
-
-        workers = [threading.Thread(target=ask, args=(i,)) for i in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        got = run_in_threads(lambda i, cache=cache: preview_path(page_payload(pdf), cache), threads)
         assert all(isinstance(g, str) for g in got), got
         assert len(set(got)) == 1
         path = Path(got[0])
@@ -110,24 +95,13 @@ def test_preview_concurrent_langchain_and_llama_index_retrievers_never_raise(pag
         cache = tmp_path / f"p{r}"
         lc_ret = lc.UMERetriever(index=page_index, k=3, fusion="disc", preview_dir=str(cache))
         li_ret = li.UMERetriever(page_index, similarity_top_k=3, fusion="disc", preview_dir=str(cache))
-        barrier = threading.Barrier(threads)
-        got: list = [None] * threads
 
-        def ask(i: int, barrier=barrier, got=got, lc_ret=lc_ret, li_ret=li_ret) -> None:
-            barrier.wait()
-            try:
-                if i % 2:
-                    got[i] = {d.metadata["page"]: d.metadata["image_path"] for d in lc_ret.invoke("page")}
-                else:
-                    got[i] = {n.node.metadata["page"]: n.node.image_path for n in li_ret.retrieve(QueryBundle("page"))}
-            except BaseException as exc:  # noqa: BLE001
-                got[i] = exc
+        def ask(i: int, lc_ret=lc_ret, li_ret=li_ret) -> dict:
+            if i % 2:
+                return {d.metadata["page"]: d.metadata["image_path"] for d in lc_ret.invoke("page")}
+            return {n.node.metadata["page"]: n.node.image_path for n in li_ret.retrieve(QueryBundle("page"))}
 
-        workers = [threading.Thread(target=ask, args=(i,)) for i in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        got = run_in_threads(ask, threads)
         assert all(isinstance(g, dict) for g in got), got
         assert all(g == got[0] for g in got)
         for page in (1, 2):
@@ -252,18 +226,6 @@ def test_preview_malformed_payloads_give_none_never_raise(tmp_path):
 # -- the ume-eval encoding cache ------------------------------------------------------------
 
 
-class CountingEncoder:
-    """A real encoder, counting how often the cache had to call it."""
-
-    def __init__(self, encoder):
-        self.inner, self.calls = encoder, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def encode(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner.encode(*args, **kwargs)
 
 
 class Planted:
