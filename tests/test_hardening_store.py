@@ -93,7 +93,7 @@ BAD_FUSIONS = [  # (string, what the message must say) - each a distinct kind of
     ("weighted:disc=0,gen=0", "both 0"),
     ("weighted:disc=1,,gen=1", "empty parameter"),
     ("mean:disc=1", "method must be one of"),
-    ("weighted:w=1", "parameters are disc=W, gen=W and k=N"),
+    ("weighted:w=1", "parameters are disc=W, gen=W, k=N"),
 ]
 
 

@@ -15,15 +15,20 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import numpy as np
 
 from ..errors import UMEError
-from ..fusion import Fusion
+from ..fusion import Fusion, RankedList, fuse_lists
 
 DISC = "disc"
 GEN = "gen"
 VECTOR_NAMES = (DISC, GEN)
+# Payload field of a point stored without its gen vector (staged ingestion): "pending" until
+# the backfill computes it, "failed" when the backfill could not (the reason in "gen_error").
+GEN_STATUS = "gen_status"
+GEN_PENDING = "pending"
+GEN_FAILED = "failed"
 # Payload fields that get a payload index (the fields filters use most).
 INDEXED_FIELDS: dict[str, str] = {
     "source": "keyword", "modality": "keyword", "content_hash": "keyword", "file_hash": "keyword",
-    "page": "integer",
+    "page": "integer", GEN_STATUS: "keyword",
 }
 
 # A filter: {"field": value} (equality), {"field": [v1, v2]} (any of), or
@@ -133,13 +138,76 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
-def weighted_queries(queries: Sequence[VectorQuery], fusion: Fusion) -> list[tuple[VectorQuery, float]]:
-    """The query vectors with their fusion weights, zero-weight ones dropped."""
+@dataclass(frozen=True)
+class NearestRequest:
+    """One nearest-neighbour search: ``limit`` points nearest to ``query``, within the search's
+    filter and also ``extra`` (a second filter, ANDed)."""
+
+    query: VectorQuery
+    limit: int
+    extra: FilterSpec | None = None
+
+
+class SearchEngine(Protocol):
+    """The three engine calls ``fused_query`` builds a search from (each backend has them)."""
+
+    def nearest(self, requests: Sequence[NearestRequest], flt: FilterSpec | None) -> list[list[tuple[str, float]]]:
+        """Per request, ``(id, cosine)`` best first; one engine call for all of them."""
+        ...
+
+    def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The payloads of these points (a point deleted meanwhile is absent)."""
+        ...
+
+    def exact_scores(self, requests: Sequence[tuple[VectorQuery, Sequence[str]]]) -> list[dict[str, float]]:
+        """Per ``(query, ids)``: the exact cosine of each of those points that has the vector."""
+        ...
+
+
+def fused_query(
+    engine: SearchEngine, vector_size: int, queries: Sequence[VectorQuery], fusion: Fusion, limit: int,
+    prefetch_limit: int, flt: FilterSpec | None = None,
+) -> list[StoredHit]:
+    """A search with several query vectors, fused: the shared ``VectorStore.query``.
+
+    One engine call searches every query vector's ``prefetch_limit`` nearest points (and, when
+    the fusion needs gen, which of the disc list's points have no gen vector yet); the lists
+    are fused in Python (``fuse_lists``: Qdrant's formulas, plus the rule for pending points);
+    a second call fetches the payloads of the ``limit`` hits, and a third, only when needed,
+    the exact cosine of a hit to a query vector whose list it is not in."""
+    check_query_vectors(queries, vector_size)
     weights = fusion.prefetch_weights([q.using for q in queries])
-    kept = [(q, w) for q, w in zip(queries, weights) if w > 0]
+    kept = [i for i, w in enumerate(weights) if w > 0]
     if not kept:
         raise ValueError("every query vector has weight 0")
-    return kept
+    depth = limit if len(kept) == 1 else prefetch_limit
+    requests = [NearestRequest(queries[i], depth) for i in kept]
+    disc_at = next((i for i in kept if queries[i].using == DISC), None)
+    pending_check = len(kept) > 1 and disc_at is not None and any(queries[i].using == GEN for i in kept)
+    if pending_check:  # the disc list's points that have no gen vector (a filtered disc search)
+        requests.append(NearestRequest(queries[disc_at], depth, {GEN_STATUS: [GEN_PENDING, GEN_FAILED]}))
+    answers = engine.nearest(requests, flt)
+    lists = [RankedList(queries[i].using, answers[n]) for n, i in enumerate(kept)]
+    without_gen = {pid for pid, _ in answers[-1]} if pending_check else set()
+    fused = fuse_lists(lists, fusion, limit, without_gen=without_gen)
+    if not fused:
+        return []
+    ids = [str(pid) for pid, _ in fused]
+    known = {i: dict(answers[n]) for n, i in enumerate(kept)}
+    missing = []
+    for i, q in enumerate(queries):
+        have = known.get(i, {})
+        lacking = [pid for pid in ids if pid not in have and not (q.using == GEN and pid in without_gen)]
+        if lacking:
+            missing.append((i, lacking))
+    if missing:
+        exact = engine.exact_scores([(queries[i], lacking) for i, lacking in missing])
+        for (i, _), scores in zip(missing, exact):
+            known.setdefault(i, {}).update(scores)
+    payloads = engine.payloads(ids)
+    return [StoredHit(id=str(pid), score=float(score), payload=payloads[str(pid)],
+                      query_scores=[known.get(i, {}).get(str(pid)) for i in range(len(queries))])
+            for pid, score in fused if str(pid) in payloads]
 
 
 def paged_payloads(fetch_page: Callable[[Any], tuple[Sequence[Any], Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -152,15 +220,6 @@ def paged_payloads(fetch_page: Callable[[Any], tuple[Sequence[Any], Any]]) -> It
             yield str(r.id), dict(r.payload or {})
         if offset is None:
             return
-
-
-def attach_query_scores(hits: Sequence[StoredHit], per_query: Iterable[Iterable[Any]]) -> None:
-    """Append to each hit its score for each query, from one list of engine points (``id``,
-    ``score``) per query; a hit that a query's list lacks gets None."""
-    for points in per_query:
-        by_id = {str(p.id): float(p.score) for p in points}
-        for h in hits:
-            h.query_scores.append(by_id.get(h.id))
 
 
 def classify_conditions(flt: FilterSpec) -> Iterator[tuple[str, str, Any]]:

@@ -24,9 +24,9 @@ import numpy as np
 from ..faults import fault_point
 from ..fusion import Fusion
 from .base import (
-    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, SchemaMismatchError, StoreCorruptError, StoredHit, StoredPoint,
-    StoreLockedError, StoreSchema, VectorQuery, attach_query_scores, check_points, check_query_vectors,
-    classify_conditions, paged_payloads, weighted_queries,
+    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, NearestRequest, SchemaMismatchError, StoreCorruptError, StoredHit,
+    StoredPoint, StoreLockedError, StoreSchema, VectorQuery, check_points, classify_conditions, fused_query,
+    paged_payloads,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,18 +146,25 @@ class EdgeStore:
         if schema_path.exists():
             found = read_schema_file(schema_path, self.schema)
             self.schema.check(found, f"the store {self.root}")
-            return qe.EdgeShard.load(shard_path)
+            shard = qe.EdgeShard.load(shard_path)
+            self._index_fields(shard)  # a store made by an older version may lack a newer index
+            return shard
         if (self.root / "shard").exists():
             self._remove_unfinished_shard(shard_path)
         params = qe.EdgeVectorParams(size=self.schema.vector_size, distance=qe.Distance.Cosine)
         shard = qe.EdgeShard.create(shard_path, qe.EdgeConfig(vectors={n: params for n in VECTOR_NAMES}))
+        self._index_fields(shard)
+        # Written last: a folder without it was never completely created.
+        write_atomically(schema_path, json.dumps(self.schema.as_dict(), indent=2))
+        return shard
+
+    def _index_fields(self, shard: Any) -> None:
+        """Create the payload indexes of ``INDEXED_FIELDS`` (creating an existing one is a no-op)."""
+        qe = self._qe
         kinds = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
         for name, kind in INDEXED_FIELDS.items():
             shard.update(qe.UpdateOperation.create_field_index(name, kinds[kind]))
         shard.flush()
-        # Written last: a folder without it was never completely created.
-        write_atomically(schema_path, json.dumps(self.schema.as_dict(), indent=2))
-        return shard
 
     def _remove_unfinished_shard(self, shard_path: str) -> None:
         """A shard without the schema file: a creation that crashed before its last step (the
@@ -183,8 +190,10 @@ class EdgeStore:
 
     # -- translation --------------------------------------------------------------------------
 
-    def _filter(self, flt: FilterSpec | None) -> Any:
-        if not flt:
+    def _filter(self, *specs: FilterSpec | None) -> Any:
+        """The engine filter matching every one of ``specs`` (None when there is no condition)."""
+        specs = tuple(spec for spec in specs if spec)
+        if not specs:
             return None
         qe = self._qe
         build = {
@@ -192,17 +201,7 @@ class EdgeStore:
             "any": lambda k, v: qe.FieldCondition(key=k, match=qe.MatchAny(v)),
             "eq": lambda k, v: qe.FieldCondition(key=k, match=qe.MatchValue(_no_bool(k, v))),
         }
-        return qe.Filter(must=[build[kind](key, value) for key, kind, value in classify_conditions(flt)])
-
-    def _fusion_query(self, fusion: Fusion, weights: list[float]) -> Any:
-        qe = self._qe
-        if fusion.method == "rrf":
-            return qe.Fusion.Rrf(k=fusion.k, weights=None if all(w == 1 for w in weights) else weights)
-        if fusion.method == "dbsf":
-            return qe.Fusion.Dbsf()
-        E = qe.Expression  # noqa: N806 - weighted sum of the prefetch scores, missing ones count 0
-        terms = [E.Mult([E.Constant(w), E.Variable(f"$score[{i}]")]) for i, w in enumerate(weights)]
-        return qe.Formula(E.Sum(terms), defaults={f"$score[{i}]": 0.0 for i in range(len(weights))})
+        return qe.Filter(must=[build[kind](key, value) for spec in specs for key, kind, value in classify_conditions(spec)])
 
     # -- protocol -----------------------------------------------------------------------------
 
@@ -249,42 +248,35 @@ class EdgeStore:
         self, queries: Sequence[VectorQuery], fusion: Fusion, limit: int, prefetch_limit: int,
         flt: FilterSpec | None = None,
     ) -> list[StoredHit]:
-        qe = self._qe
-        check_query_vectors(queries, self.schema.vector_size)
-        kept = weighted_queries(queries, fusion)
-        engine_filter = self._filter(flt)
-        common: dict[str, Any] = dict(limit=limit, filter=engine_filter, with_payload=True, with_vector=False)
-        if len(kept) == 1:
-            q = kept[0][0]
-            request = qe.QueryRequest(query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using),
-                                      params=self._search_params, **common)
-        else:
-            prefetches = [
-                qe.Prefetch(limit=prefetch_limit, query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using),
-                            filter=engine_filter, params=self._search_params)
-                for q, _ in kept
-            ]
-            request = qe.QueryRequest(prefetches=prefetches, query=self._fusion_query(fusion, [w for _, w in kept]),
-                                      **common)
-        with self._mutex:
-            points = self._shard.query(request)
-            hits = [StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
-            self._score_each(hits, queries)
-        return hits
+        return fused_query(self, self.schema.vector_size, queries, fusion, limit, prefetch_limit, flt)
 
-    def _score_each(self, hits: list[StoredHit], queries: Sequence[VectorQuery]) -> None:
-        """Each hit's cosine to each query vector, by exact scoring restricted to the hits (no
-        vectors travel back to Python)."""
-        if not hits:
-            return
+    # -- the engine calls of fused_query ---------------------------------------------------------
+
+    def nearest(self, requests: Sequence[NearestRequest], flt: FilterSpec | None) -> list[list[tuple[str, float]]]:
         qe = self._qe
-        only_hits = qe.Filter(must=[qe.HasIdCondition({h.id for h in hits})])
-        requests = [
-            qe.QueryRequest(limit=len(hits), filter=only_hits, params=qe.SearchParams(exact=True),
-                            query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using))
-            for q in queries
-        ]
-        attach_query_scores(hits, self._shard.query_batch(qe.QueryBatchRequest(requests)))
+        base = self._filter(flt)
+        batch = [qe.QueryRequest(
+            query=qe.Query.Nearest(np.asarray(r.query.vector, dtype=np.float32).tolist(), using=r.query.using),
+            limit=r.limit, filter=self._filter(flt, r.extra) if r.extra else base, params=self._search_params,
+            with_payload=False, with_vector=False) for r in requests]
+        with self._mutex:
+            answers = self._shard.query_batch(qe.QueryBatchRequest(batch))
+        return [[(str(p.id), float(p.score)) for p in points] for points in answers]
+
+    def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._mutex:
+            records = self._shard.retrieve(list(ids), with_payload=True, with_vector=False)
+        return {str(r.id): dict(r.payload or {}) for r in records}
+
+    def exact_scores(self, requests: Sequence[tuple[VectorQuery, Sequence[str]]]) -> list[dict[str, float]]:
+        qe = self._qe
+        batch = [qe.QueryRequest(
+            query=qe.Query.Nearest(np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using), limit=len(ids),
+            filter=qe.Filter(must=[qe.HasIdCondition(set(ids))]), params=qe.SearchParams(exact=True),
+            with_payload=False, with_vector=False) for q, ids in requests]
+        with self._mutex:
+            answers = self._shard.query_batch(qe.QueryBatchRequest(batch))
+        return [{str(p.id): float(p.score) for p in points} for points in answers]
 
     def optimize(self) -> None:
         """Build the HNSW indexes (do it once after a large ingest, not per batch)."""

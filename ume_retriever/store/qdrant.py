@@ -12,6 +12,7 @@ expiry); see ``QdrantStore`` for what it guarantees and what it cannot.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import socket
@@ -26,9 +27,8 @@ import numpy as np
 
 from ..fusion import Fusion
 from .base import (
-    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, StoredHit, StoredPoint, StoreLockedError, StoreSchema, VectorQuery,
-    WriterLeaseError, attach_query_scores, check_points, check_query_vectors, classify_conditions, paged_payloads,
-    weighted_queries,
+    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, NearestRequest, StoredHit, StoredPoint, StoreLockedError, StoreSchema,
+    VectorQuery, WriterLeaseError, check_points, classify_conditions, fused_query, paged_payloads,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,11 +137,19 @@ class QdrantStore:
             hnsw_config=hnsw_config,
             metadata=self.schema.as_dict(),
         )
+        self._index_fields()
+
+    def _index_fields(self) -> None:
+        """Create the payload indexes of ``INDEXED_FIELDS`` that the collection lacks (servers only:
+        local mode ignores payload indexes, and warns)."""
         if not self._is_server:
-            return  # local mode ignores payload indexes (and warns)
+            return
+        m = self._m
         kinds = {"keyword": m.PayloadSchemaType.KEYWORD, "integer": m.PayloadSchemaType.INTEGER}
+        present = set(getattr(self.client.get_collection(self.collection), "payload_schema", None) or {})
         for name, kind in INDEXED_FIELDS.items():
-            self.client.create_payload_index(self.collection, name, field_schema=kinds[kind])
+            if name not in present:
+                self.client.create_payload_index(self.collection, name, field_schema=kinds[kind])
 
     def _check_existing(self) -> None:
         info = self.client.get_collection(self.collection)
@@ -155,11 +163,14 @@ class QdrantStore:
             found["vectors"] = {"": getattr(vectors, "size", None)}
             found["distance"] = str(getattr(getattr(vectors, "distance", None), "value", "")).lower()
         self.schema.check(found, f"the collection {self.collection!r} at {self.location}")
+        self._index_fields()  # a collection made by an older version may lack a newer index
 
     # -- translation --------------------------------------------------------------------------
 
-    def _filter(self, flt: FilterSpec | None) -> Any:
-        if not flt:
+    def _filter(self, *specs: FilterSpec | None) -> Any:
+        """The engine filter matching every one of ``specs`` (None when there is no condition)."""
+        specs = tuple(spec for spec in specs if spec)
+        if not specs:
             return None
         m = self._m
         build = {
@@ -167,18 +178,7 @@ class QdrantStore:
             "any": lambda k, v: m.FieldCondition(key=k, match=m.MatchAny(any=v)),
             "eq": lambda k, v: m.FieldCondition(key=k, match=m.MatchValue(value=v)),
         }
-        return m.Filter(must=[build[kind](key, value) for key, kind, value in classify_conditions(flt)])
-
-    def _fusion_query(self, fusion: Fusion, weights: list[float]) -> Any:
-        m = self._m
-        if fusion.method == "rrf":
-            rrf = m.Rrf(k=fusion.k, weights=None if all(w == 1 for w in weights) else weights)
-            return m.RrfQuery(rrf=rrf)
-        if fusion.method == "dbsf":
-            return m.FusionQuery(fusion=m.Fusion.DBSF)
-        terms = [m.MultExpression(mult=[w, f"$score[{i}]"]) for i, w in enumerate(weights)]
-        return m.FormulaQuery(formula=m.SumExpression(sum=terms),
-                              defaults={f"$score[{i}]": 0.0 for i in range(len(weights))})
+        return m.Filter(must=[build[kind](key, value) for spec in specs for key, kind, value in classify_conditions(spec)])
 
     # -- writer lease -------------------------------------------------------------------------
 
@@ -284,38 +284,40 @@ class QdrantStore:
         self, queries: Sequence[VectorQuery], fusion: Fusion, limit: int, prefetch_limit: int,
         flt: FilterSpec | None = None,
     ) -> list[StoredHit]:
-        m = self._m
-        check_query_vectors(queries, self.schema.vector_size)
-        kept = weighted_queries(queries, fusion)
-        engine_filter = self._filter(flt)
-        common: dict[str, Any] = dict(limit=limit, query_filter=engine_filter, with_payload=True, with_vectors=False)
-        with self._mutex:
-            if len(kept) == 1:
-                q = kept[0][0]
-                result = self.client.query_points(self.collection, query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using,
-                                                  search_params=self._search_params, **common)
-            else:
-                prefetch = [m.Prefetch(query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using, limit=prefetch_limit,
-                                       filter=engine_filter, params=self._search_params) for q, _ in kept]
-                result = self.client.query_points(self.collection, prefetch=prefetch,
-                                                  query=self._fusion_query(fusion, [w for _, w in kept]), **common)
-            hits = [StoredHit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in result.points]
-            self._score_each(hits, queries)
-        return hits
+        return fused_query(self, self.schema.vector_size, queries, fusion, limit, prefetch_limit, flt)
 
-    def _score_each(self, hits: list[StoredHit], queries: Sequence[VectorQuery]) -> None:
-        """Each hit's cosine to each query vector, by exact scoring restricted to the hits."""
-        if not hits:
-            return
+    # -- the engine calls of fused_query ---------------------------------------------------------
+
+    def _reading(self) -> Any:
+        """Reads from a server run concurrently (qdrant-client's HTTP client is thread-safe and
+        waits without the GIL); local mode's engine is serialised by the store's mutex."""
+        return contextlib.nullcontext() if self._is_server else self._mutex
+
+    def nearest(self, requests: Sequence[NearestRequest], flt: FilterSpec | None) -> list[list[tuple[str, float]]]:
         m = self._m
-        only_hits = m.Filter(must=[m.HasIdCondition(has_id=[h.id for h in hits])])
-        requests = [
-            m.QueryRequest(query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using, filter=only_hits,
-                           limit=len(hits), params=m.SearchParams(exact=True) if self._is_server else None,
-                           with_payload=False)
-            for q in queries
-        ]
-        attach_query_scores(hits, (response.points for response in self.client.query_batch_points(self.collection, requests)))
+        base = self._filter(flt)
+        batch = [m.QueryRequest(query=np.asarray(r.query.vector, dtype=np.float32).tolist(), using=r.query.using,
+                                limit=r.limit, filter=self._filter(flt, r.extra) if r.extra else base,
+                                params=self._search_params, with_payload=False, with_vector=False)
+                 for r in requests]
+        with self._reading():
+            answers = self.client.query_batch_points(self.collection, batch)
+        return [[(str(p.id), float(p.score)) for p in a.points] for a in answers]
+
+    def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._reading():
+            records = self.client.retrieve(self.collection, list(ids), with_payload=True, with_vectors=False)
+        return {str(r.id): dict(r.payload or {}) for r in records}
+
+    def exact_scores(self, requests: Sequence[tuple[VectorQuery, Sequence[str]]]) -> list[dict[str, float]]:
+        m = self._m
+        batch = [m.QueryRequest(query=np.asarray(q.vector, dtype=np.float32).tolist(), using=q.using,
+                                filter=m.Filter(must=[m.HasIdCondition(has_id=list(ids))]), limit=len(ids),
+                                params=m.SearchParams(exact=True) if self._is_server else None, with_payload=False)
+                 for q, ids in requests]
+        with self._reading():
+            answers = self.client.query_batch_points(self.collection, batch)
+        return [{str(p.id): float(p.score) for p in a.points} for a in answers]
 
     def optimize(self) -> None:
         """Nothing to do: a server builds its indexes itself; local mode has none."""
