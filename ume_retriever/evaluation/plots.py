@@ -1,4 +1,5 @@
-"""PNG figures of an evaluation: Hit@1 per task and mode, pass@k curves, the fusion weight sweep."""
+"""PNG figures of an evaluation: Hit@1 per task and mode, pass@k curves, the fusion weight sweep,
+the adaptive calibration curve."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ def _plt():
 
 
 def _save(fig, ax, path: Path, legend_columns: int = 1) -> Path:
-    """The finish every plot here shares: 0-1 scores, a light grid, legend, PNG, figure closed."""
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=legend_columns)
+    """The finish every plot here shares: 0-1 scores, a light grid, legend, PNG, figure closed.
+    ``ax``: one axes or a sequence of them."""
+    for a in ax if isinstance(ax, (list, tuple)) else [ax]:
+        a.set_ylim(0, 1)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, ncol=legend_columns)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
@@ -67,3 +70,30 @@ def plot_sweep(results: Sequence[TaskResult], path: Path) -> Path:
     ax.set_xlabel("disc weight (gen weight = 1 - disc weight)")
     ax.set_ylabel("Hit@1 (weighted fusion)")
     return _save(fig, ax, path)
+
+
+def plot_adaptive(results: Sequence[TaskResult], path: Path) -> Path:
+    """Per task: Hit@1 against the fraction of queries that reason, for the margin router
+    (``adaptive:margin=M``) and the top-1 router, dev dashed and test solid; disc (no
+    reasoning), the fused ranking (all reason), the chosen thresholds (test) and the oracle."""
+    plt = _plt()
+    calibrated = [r for r in results if r.adaptive_calibration]
+    fig, axes = plt.subplots(1, len(calibrated), figsize=(5 * len(calibrated), 4), squeeze=False)
+    for r, ax in zip(calibrated, axes[0]):
+        cal = r.adaptive_calibration
+        for name, colour in (("margin", "C0"), ("top1", "C1")):
+            curve = cal["routers"][name]["curve"]
+            for split, style in (("dev", "--"), ("test", "-")):
+                ax.plot([c[split]["reasoned"] for c in curve], [c[split]["hit@1"] for c in curve], style,
+                        color=colour, lw=1, label=f"{name} router {split}")
+            chosen = cal["routers"][name]["chosen"]
+            ax.plot(chosen["test"]["reasoned"], chosen["test"]["hit@1"], "*", color=colour, ms=12,
+                    label=f"chosen {name} {chosen['threshold']:g} (test)")
+        ax.plot(0, cal["disc"]["test"]["hit@1"], "s", color="C2", label="disc (test)")
+        ax.plot(1, cal["fused"]["test"]["hit@1"], "D", color="C3", label=f"{cal['then']} (test)")
+        ax.axhline(cal["oracle"]["test"]["hit@1"], color="gray", ls=":", lw=1, label="oracle (test)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("fraction of queries that reason")
+        ax.set_ylabel("Hit@1")
+        ax.set_title(f"{r.task}: adaptive, then {cal['then']}", fontsize=9)
+    return _save(fig, list(axes[0]), path)

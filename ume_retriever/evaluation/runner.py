@@ -1,11 +1,14 @@
-"""The evaluation runner: disc, gen, every fusion, the oracle, pass@k and a fusion weight sweep.
+"""The evaluation runner: disc, gen, every fusion, the oracle, pass@k, a fusion weight sweep
+and the adaptive calibration.
 
 Two scoring paths over the same (cached) vectors:
 - ``index`` (default): candidates are ingested into a real ``UMEIndex`` (embedded Qdrant Edge
   store in a temporary folder unless one is given) and every query goes through
   ``UMEIndex.search``: what is measured is the product users run, fusion inside Qdrant included.
 - ``exact``: numpy cosine over the whole pool and the numpy fusion reference; for large pools.
-pass@k and the weight sweep always use the exact path (they are properties of the vectors).
+pass@k, the weight sweep and the adaptive calibration always use the exact path (they are
+properties of the vectors). An ``adaptive`` fusion's modes also report ``reasoned``, the share
+of queries whose disc scores made it reason (``calibrate.reasons``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from ..fusion import Fusion, fuse_reference
 from ..model.protocol import EncoderLike
 from .cache import CachedEncoder
+from .calibrate import REASONED, calibrate, disc_gap, disc_top1, reasons, then_fusion
 from .metrics import DEPTH, METRICS, hit_at_k, score_ranking
 from .tasks import EvalQuery, EvalTask
 
@@ -37,10 +41,12 @@ class TaskResult:
     modes: dict[str, dict[str, float]] = field(default_factory=dict)  # mode -> metric -> mean
     pass_at_k: dict[int, float] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)
+    adaptive_calibration: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"task": self.task, "queries": self.queries, "candidates": self.candidates, "modes": self.modes,
-                "pass_at_k": {str(k): v for k, v in self.pass_at_k.items()}, "sweep": self.sweep}
+                "pass_at_k": {str(k): v for k, v in self.pass_at_k.items()}, "sweep": self.sweep,
+                "adaptive_calibration": self.adaptive_calibration}
 
 
 @dataclass
@@ -59,12 +65,19 @@ def evaluate_task(
     path: Literal["index", "exact"] = "index",
     store: Any = None,
     sweep: bool = True,
+    calibrate_adaptive: Fusion | str | None = None,
     temperature: float = 1.0,
     seed: int = 0,
     show_progress: bool = False,
 ) -> TaskResult:
-    """Metrics of one task. ``encoder``: an ``UMEEncoder`` or a ``CachedEncoder`` around one."""
+    """Metrics of one task. ``encoder``: an ``UMEEncoder`` or a ``CachedEncoder`` around one.
+
+    ``calibrate_adaptive``: the fusion an adaptive search reasons with ("rrf",
+    "weighted:disc=0.3,gen=0.7", or an adaptive fusion, whose ``then`` is used): sweep the
+    router's threshold on a dev half of the queries (``calibrate.calibrate``).
+    """
     fusions = [Fusion.parse(f) for f in fusions]
+    then = then_fusion(calibrate_adaptive) if calibrate_adaptive is not None else None
     vectors = _encode(encoder, task, max(pass_k) if pass_k else 0, temperature, seed, show_progress)
     result = TaskResult(task.name, len(task.queries), len(task.candidates))
     modes: list[tuple[str, Fusion]] = [("disc", Fusion("disc")), ("gen", Fusion("gen"))]
@@ -79,6 +92,10 @@ def evaluate_task(
                  for name, ranks in rankings.items()}
     for name, rows in per_query.items():
         result.modes[name] = _mean(rows)
+    for name, fusion in modes:
+        if fusion.adaptive:  # the decision the index makes too: it is a function of the disc scores
+            result.modes[name][REASONED] = float(np.mean([reasons(fusion, _disc_scores(task, q, vectors))
+                                                          for q in task.queries]))
     # The oracle: per query, the better of disc and gen on each metric (the paper's upper bound).
     result.modes["oracle"] = _mean([{m: max(d[m], g[m]) for m in METRICS}
                                     for d, g in zip(per_query["disc"], per_query["gen"])])
@@ -86,6 +103,8 @@ def evaluate_task(
         result.pass_at_k = _pass_at_k(task, vectors, sorted(set(pass_k)))
     if sweep:
         result.sweep = _weight_sweep(task, vectors, seed)
+    if then is not None:
+        result.adaptive_calibration = _calibration(task, vectors, then, seed)
     return result
 
 
@@ -138,8 +157,16 @@ def _index_rankings(encoder: EncoderLike, task: EvalTask, modes: list[tuple[str,
             index.close()
 
 
+def _disc_scores(task: EvalTask, q: EvalQuery, v: _Vectors) -> np.ndarray:
+    """The query's disc cosines over its pool, in pool order."""
+    return np.stack([v.disc[c] for c in task.pool(q)]) @ v.disc[q.id]
+
+
 def _exact_ranking(task: EvalTask, q: EvalQuery, v: _Vectors, fusion: Fusion, gen_vector: np.ndarray | None = None,
                    depth: int = DEPTH) -> list[str]:
+    if fusion.adaptive:  # the disc ranking, or the then fusion's when the disc gap is below the margin
+        chosen = fusion.when_reasoning() if reasons(fusion, _disc_scores(task, q, v)) else Fusion("disc")
+        return _exact_ranking(task, q, v, chosen, gen_vector, depth)
     pool = task.pool(q)
     rows, uses = [], []
     if fusion.needs_disc:
@@ -168,12 +195,18 @@ def _pass_at_k(task: EvalTask, v: _Vectors, ks: list[int]) -> dict[int, float]:
     return out
 
 
+def dev_test_split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Query indices split in a dev half and a test half (the larger), shuffled by ``seed``;
+    the weight sweep and the adaptive calibration use the same split."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[: n // 2]), sorted(order[n // 2:])
+
+
 def _weight_sweep(task: EvalTask, v: _Vectors, seed: int) -> dict[str, Any]:
     """Weighted fusion from pure gen (disc weight 0) to pure disc (1): the best weight on a dev
     half of the queries (by Hit@1, then NDCG@5), reported on the other (test) half."""
-    order = list(range(len(task.queries)))
-    random.Random(seed).shuffle(order)
-    dev, test = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2:])
+    dev, test = dev_test_split(len(task.queries), seed)
     curve = []
     for w in SWEEP_WEIGHTS:
         fusion = Fusion("weighted", disc_weight=w, gen_weight=round(1 - w, 1))
@@ -183,6 +216,16 @@ def _weight_sweep(task: EvalTask, v: _Vectors, seed: int) -> dict[str, Any]:
     return {"dev_queries": len(dev), "test_queries": len(test), "curve": curve,
             "best_disc_weight": best["disc_weight"], "best_fusion": f"weighted:disc={best['disc_weight']:g},"
             f"gen={1 - best['disc_weight']:g}", "test_at_best": best["test"]}
+
+
+def _calibration(task: EvalTask, v: _Vectors, then: Fusion, seed: int) -> dict[str, Any]:
+    """Per query its disc and ``then`` metrics and its disc gap and top-1 (exact path), swept by
+    ``calibrate`` on the weight sweep's dev/test split."""
+    disc = [score_ranking(_exact_ranking(task, q, v, Fusion("disc")), q.positives) for q in task.queries]
+    fused = [score_ranking(_exact_ranking(task, q, v, then), q.positives) for q in task.queries]
+    scores = [_disc_scores(task, q, v) for q in task.queries]
+    dev, test = dev_test_split(len(task.queries), seed)
+    return calibrate(disc, fused, [disc_gap(s) for s in scores], [disc_top1(s) for s in scores], dev, test, then)
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
