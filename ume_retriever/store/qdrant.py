@@ -73,7 +73,7 @@ class QdrantStore:
         quantization_config: Any = None,
         hnsw_config: Any = None,
         timeout: int | None = None,
-        hnsw_ef: int | None = 512,
+        hnsw_ef: int | None = 64,
         client: Any = None,
         writer_id: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
