@@ -131,9 +131,9 @@ def _plot(fn: Callable[..., Any], results: Sequence[Any], path: Path) -> None:
 def calibration_table(task: str, cal: dict[str, Any], table_cls: Any, rows: int = 6) -> Any:
     """Disc, fused, oracle, each router's curve at about ``rows`` evenly spaced dev reasoning
     shares (its two ends included) and its chosen threshold (marked *)."""
-    table = table_cls(title=f"{task}: adaptive calibration, then {cal['then']} "
+    table = table_cls(title=f"{task}: adaptive calibration, fused = {cal['then']} "
                             f"(dev {cal['dev_queries']} / test {cal['test_queries']} queries)",
-                      caption=f"* chosen: the least dev reasoning with dev Hit@1 >= max(disc, {cal['then']}) "
+                      caption=f"* chosen: the least dev reasoning with dev Hit@1 >= max(disc, fused) "
                               f"- {cal['tolerance']:g}; margin M = adaptive:margin=M; top1 T: reason when the "
                               "top-1 disc cosine < T")
     table.add_column("", no_wrap=True)
@@ -145,7 +145,7 @@ def calibration_table(task: str, cal: dict[str, Any], table_cls: Any, rows: int 
                                           for s in ("dev", "test") for m in ("reasoned", "hit@1", "ndcg@5")))
 
     row("disc", "", cal["disc"])
-    row(cal["then"], "", cal["fused"])
+    row("fused", "", cal["fused"])
     row("oracle", "", cal["oracle"])
     for name, router in cal["routers"].items():
         curve = router["curve"]
