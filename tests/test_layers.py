@@ -18,7 +18,7 @@ LAYERS = [
     ("inputs", ("inputs",)),
     ("store", ("store",)),
     ("model", ("model",)),
-    ("index", ("index", "previews", "ingest_journal")),
+    ("index", ("index", "previews", "ingest_journal", "backfill", "query_vectors")),
     # the framework adapters sit on the index and the encoder; the facade hands them out
     ("adapters", ("integrations",)),
     ("facade", ("retriever",)),

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -31,6 +32,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+from .backfill import GEN_FROM_PAYLOAD, BackfillReport, backfill_gen
 from .errors import InputError
 from .faults import fault_point
 from .fusion import Fusion
@@ -38,16 +40,22 @@ from .ingest_journal import IngestJournal, journal_path
 from .inputs import decode_guard
 from .inputs.item import Item, as_item
 from .inputs.loaders import (
-    FileLoadError, LoadedItem, LoaderConfig, LoadFailure, Skipped, file_hash, load_file, printable_path, walk,
+    FileLoadError, LoadedItem, LoaderConfig, LoadFailure, Skipped, file_hash, item_hash, load_file, printable_path,
+    walk,
 )
 from .model.checkpoint import max_image_pixels, pixel_caps
 from .model.protocol import EncoderLike
-from .store import DISC, GEN, FilterSpec, StoredPoint, StoreSchema, VectorQuery, VectorStore, open_store
+from .query_vectors import DEFAULT_QUERY_CACHE_SIZE, QueryEncoder
+from .store import (
+    DISC, GEN, GEN_FAILED, GEN_PENDING, GEN_STATUS, FilterSpec, StoredPoint, StoreSchema, VectorQuery, VectorStore,
+    open_store,
+)
 
 logger = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4b7e-9a55-3f2f6c1e9b10")
 Status = Literal["indexed", "unchanged", "failed", "skipped", "removed"]
+GenWhen = Literal["now", "later"]
 # Payload text kept per point (the full text is still what the model embeds): a 10 MB text
 # file must not become a 10 MB payload (a Qdrant server refuses requests above 32 MB).
 MAX_PAYLOAD_TEXT_CHARS = 16_384
@@ -74,6 +82,10 @@ class IngestReport:
     deleted_stale: int = 0
     seconds: float = 0.0
     optimized: bool = False  # the store's vector indexes were (re)built at the end
+    gen_pending: int = 0  # points stored with gen="later": searchable, their gen vector waits for backfill
+    # gen="later" items that got their gen vector at once: in-memory items with images or video
+    # (or text too long for the payload) cannot be read again by a later backfill
+    gen_now: list[IngestEntry] = field(default_factory=list)
 
     def _with(self, status: str) -> list[IngestEntry]:
         return [e for e in self.entries if e.status == status]
@@ -104,6 +116,10 @@ class IngestReport:
         lines = [f"indexed {len(self.indexed)}, unchanged {len(self.unchanged)}, failed {len(self.failed)}, "
                  f"skipped {len(self.skipped)}, removed {len(self.removed)}, stale points removed "
                  f"{self.deleted_stale} in {self.seconds:.1f}s"]
+        if self.gen_pending or self.gen_now:
+            lines[0] += f"; gen pending {self.gen_pending} (run backfill_gen / ume backfill)"
+        if self.gen_now:
+            lines.append(f"  gen computed now for {len(self.gen_now)} in-memory item(s): {self.gen_now[0].reason}")
         for e in self.failed + self.skipped + self.removed:
             lines.append(f"  {e.status}: {e.source}{' ' + e.locator if e.locator else ''}: {e.reason}")
         return "\n".join(lines)
@@ -112,13 +128,16 @@ class IngestReport:
 @dataclass
 class Hit:
     """One search result. ``disc_score``/``gen_score`` are the cosines of each vector (None where
-    the query did not compute that vector); with several gen samples, their mean."""
+    the query did not compute that vector); with several gen samples, their mean. ``reasoning``
+    is the stored item's reasoning, ``query_reasoning`` the query's."""
 
     id: str
     score: float
     disc_score: float | None
-    gen_score: float | None
+    gen_score: float | None  # None also for a point whose gen vector is pending (staged ingestion)
     payload: dict[str, Any]
+    reasoned: bool = False  # the query reasoned (a gen vector of the query was used)
+    query_reasoning: str | None = None  # the query's reasoning (first sample), when it reasoned
 
     @property
     def reasoning(self) -> str | None:
@@ -152,32 +171,13 @@ def manifest_id(source: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{source}|manifest"))
 
 
-def item_hash(item: Item) -> str:
-    """A content hash of an in-memory item (text, instruction, image and video bytes)."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (item.instruction or "", item.text or ""):
-        h.update(part.encode())
-        h.update(b"\x00")
-    media = list(item.all_images()) + ([] if item.video is None else
-                                        (item.video if isinstance(item.video, (list, tuple)) else [item.video]))
-    for src in media:
-        if isinstance(src, (str, os.PathLike)):
-            h.update(file_hash(Path(src)).encode() if Path(src).is_file() else os.fspath(src).encode())
-        elif isinstance(src, (bytes, bytearray)):
-            h.update(src)
-        elif hasattr(src, "tobytes"):
-            h.update(src.tobytes())
-        h.update(b"\x01")
-    h.update(f"{item.video_start}-{item.video_end}".encode())
-    return h.hexdigest()
-
-
 class UMEIndex:
     """Disc and gen vectors of files and items, in a Qdrant store, searched with fusion.
 
     ``store``: a ``VectorStore``, or a folder for the embedded Qdrant Edge store (default
     ``./ume-index``); ``url`` (+ ``api_key``) instead: a Qdrant server or cluster.
     ``vectors``: which vectors to compute and store ("disc", "gen" or both).
+    ``query_cache_size``: query encodings kept (LRU; 0 turns the cache off).
     """
 
     def __init__(
@@ -194,6 +194,7 @@ class UMEIndex:
         default_fusion: Fusion | str = "rrf",
         prefetch_factor: int = 4,
         flush_batches: int = 4,
+        query_cache_size: int = DEFAULT_QUERY_CACHE_SIZE,
     ):
         if not set(vectors) <= {DISC, GEN} or not vectors:
             raise ValueError(f"vectors must be 'disc', 'gen' or both, got {vectors!r}")
@@ -219,6 +220,23 @@ class UMEIndex:
         self.encoder_settings = encoder_settings(encoder)
         self.settings_id = settings_id(self.encoder_settings)
         self.journal = IngestJournal(journal_path(str(getattr(self.store, "location", ":memory:")), collection))
+        # Held around deletions and gen backfill writes: a backfill never re-creates a point an
+        # ingest of this process just deleted as stale.
+        self.write_lock = threading.RLock()
+        self.queries = QueryEncoder(encoder, query_cache_size)  # query vectors, LRU-cached
+        self._gen_later = False  # set per add()
+
+    @property
+    def encoder(self) -> EncoderLike:
+        return self._encoder
+
+    @encoder.setter
+    def encoder(self, encoder: EncoderLike) -> None:
+        """Another encoder (same schema): cached query vectors of the old one are dropped."""
+        self._encoder = encoder
+        if hasattr(self, "queries"):
+            self.queries.encoder = encoder
+            self.queries.clear()
 
     @property
     def mode(self) -> str:
@@ -234,8 +252,16 @@ class UMEIndex:
         prune: bool = False,
         retry_quarantined: bool = False,
         optimize: bool | None = None,
+        gen: GenWhen = "now",
     ) -> IngestReport:
         """Index files, folders and items; return what happened to each.
+
+        ``gen="later"``: store the disc vectors only (one forward pass per item), searchable at
+        once; each point's gen vector waits for ``backfill_gen`` (its payload says
+        ``gen_status: "pending"``). Fused searches rank a pending point in the gen list as it
+        ranks in the disc list (``fusion.fuse_lists``). Files are read again by the backfill;
+        in-memory items are too when they are text only (their text is in the payload), and
+        get their gen vector at once otherwise (listed in ``report.gen_now``).
 
         ``prune``: also delete the points of files under the given folders that no longer
         exist (reported as ``removed``). ``retry_quarantined``: try again files an earlier
@@ -244,6 +270,11 @@ class UMEIndex:
         ``OPTIMIZE_AFTER_POINTS`` points or more).
         """
         started = time.perf_counter()
+        if gen not in ("now", "later"):
+            raise ValueError(f"gen must be 'now' or 'later', got {gen!r}")
+        if gen == "later" and self.vectors != (DISC, GEN):
+            raise ValueError(f"gen='later' needs an index of both vectors; this one stores only {self.mode}")
+        self._gen_later = gen == "later"
         report = IngestReport()
         if isinstance(inputs, (str, os.PathLike, Item)):
             inputs = [inputs]
@@ -329,12 +360,33 @@ class UMEIndex:
     def delete(self, source: str | os.PathLike) -> int:
         """Remove every point of a source (a file path or an item's ``metadata['source']``)."""
         keys = source_keys(source)
-        n = self.store.count({"source": keys, "kind": "item"})
-        self.store.delete_where({"source": keys})
+        with self.write_lock:
+            n = self.store.count({"source": keys, "kind": "item"})
+            self.store.delete_where({"source": keys})
         return n
 
     def count(self, flt: FilterSpec | None = None) -> int:
         return self.store.count({**(flt or {}), "kind": "item"})
+
+    # -- staged ingestion ---------------------------------------------------------------------
+
+    def pending_gen(self) -> int:
+        """Points stored with ``gen="later"`` whose gen vector is not computed yet."""
+        return self.store.count({"kind": "item", GEN_STATUS: GEN_PENDING})
+
+    def failed_gen(self) -> int:
+        """Points whose gen backfill failed (``gen_error`` says why; ``retry_failed`` retries)."""
+        return self.store.count({"kind": "item", GEN_STATUS: GEN_FAILED})
+
+    def backfill_gen(
+        self, limit: int | None = None, show_progress: bool = False, *, retry_failed: bool = False,
+        batch_size: int | None = None, stop: threading.Event | None = None,
+    ) -> BackfillReport:
+        """Compute pending gen vectors (newest ingest first; see ``ume_retriever.backfill``).
+        Resumable, kill -9 safe, idempotent, safe while searches run. ``int(report)`` is the
+        number filled; ``stop`` (an event) ends it between windows."""
+        return backfill_gen(self, limit=limit, show_progress=show_progress, retry_failed=retry_failed,
+                            batch_size=batch_size, stop=stop)
 
     def _produce(self, inputs: list[Any], out: "_Feed") -> None:
         """Loader thread: items (lazily), per-file 'unchanged' shortcuts and failures, in order."""
@@ -359,7 +411,7 @@ class UMEIndex:
                     source = str(item.metadata.get("source") or f"item:{item_hash(item)}")
                     chash = item_hash(item)
                     out.put(("item", LoadedItem(item, source, str(item.metadata.get("locator", "")),
-                                                _modality(item), chash, chash, text=item.text)))
+                                                _modality(item), chash, chash, text=item.text, in_memory=True)))
         except _Stopped:
             return  # the consumer has gone
         except Exception as exc:  # noqa: BLE001 - never leave the consumer waiting
@@ -454,10 +506,17 @@ class UMEIndex:
                               for l, pid in pending if pid in existing)
         if not todo:
             return
-        results = self.encoder.encode([loaded.item for loaded, _ in todo], mode=self.mode, batch_size=self.batch_size)
+        later = [self._gen_later and _rereadable(loaded) for loaded, _ in todo]
+        results: list[Any] = [None] * len(todo)
+        for defer, mode in ((True, DISC), (False, self.mode)):
+            at = [i for i, d in enumerate(later) if d is defer]
+            if at:
+                encoded = self.encoder.encode([todo[i][0].item for i in at], mode=mode, batch_size=self.batch_size)
+                for i, res in zip(at, encoded):
+                    results[i] = res
         now = datetime.now(timezone.utc).isoformat()
         points = []
-        for (loaded, pid), res in zip(todo, results):
+        for (loaded, pid), res, deferred in zip(todo, results, later):
             if res.error is not None:
                 report.entries.append(IngestEntry(loaded.source, loaded.locator, "failed", res.error.reason
                                                   if isinstance(res.error, InputError) else str(res.error)))
@@ -485,6 +544,15 @@ class UMEIndex:
                 "model": self.schema.model, "revision": self.schema.revision, "vectors": list(self.vectors),
                 "ingested_at": now,
             }
+            if deferred:
+                payload[GEN_STATUS] = GEN_PENDING
+                if loaded.in_memory:  # the backfill makes the item again from its payload
+                    payload["gen_from"] = GEN_FROM_PAYLOAD
+                    if loaded.item.instruction:
+                        payload["instruction"] = loaded.item.instruction
+                report.gen_pending += 1
+            elif self._gen_later:
+                report.gen_now.append(IngestEntry(loaded.source, loaded.locator, "indexed", _NOT_REREADABLE, id=pid))
             points.append(StoredPoint(id=pid, vectors=vectors, payload=payload))
             report.entries.append(IngestEntry(loaded.source, loaded.locator, "indexed", id=pid))
         self._upsert(points)
@@ -512,7 +580,8 @@ class UMEIndex:
         stale = []
         for source, _, ids in done:
             stale += [pid for pid, _ in self.store.scroll({"source": source, "kind": "item"}, []) if pid not in ids]
-        self.store.delete_ids(stale)
+        with self.write_lock:
+            self.store.delete_ids(stale)
         fault_point("after_stale_delete")
         fault_point("before_manifest_write")
         self._upsert([
@@ -538,7 +607,8 @@ class UMEIndex:
                     gone.add(source)
         for source in sorted(gone):
             items = self.store.count({"source": source, "kind": "item"})
-            self.store.delete_where({"source": source})
+            with self.write_lock:
+                self.store.delete_where({"source": source})
             report.entries.append(IngestEntry(source, "", "removed", f"file no longer exists ({items} items deleted)"))
 
     def optimize(self) -> None:
@@ -562,9 +632,12 @@ class UMEIndex:
     ) -> list[Hit]:
         """The ``k`` best points for a query (text, image, video, or an ``Item`` mixing them).
 
-        ``fusion``: "rrf" (default), "weighted", "dbsf", "disc", "gen" or a ``Fusion``.
+        ``fusion``: "rrf" (default), "weighted", "dbsf", "disc", "gen", "adaptive:margin=M" or
+        a ``Fusion``. ``adaptive`` reasons only when the disc ranking is uncertain (see
+        ``Fusion``); each hit's ``reasoned`` says whether the query reasoned.
         ``gen_samples=k`` samples k reasoning chains and fuses their k gen prefetches with the
         disc one (pass@k at query time). Each prefetch fetches ``k * prefetch_factor`` points.
+        Query vectors are cached (``query_cache_size``): a repeated query runs no model.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -577,25 +650,29 @@ class UMEIndex:
         item = as_item(query)
         if instruction is not None:
             item = Item(**{**item.__dict__, "instruction": instruction})
-        mode = "both" if fusion.needs_disc and fusion.needs_gen else ("disc" if fusion.needs_disc else "gen")
         sampling = {"num_samples": gen_samples, "temperature": temperature, "seed": seed} if gen_samples > 1 else {}
-        res = self.encoder.encode(item, mode=mode, **sampling)
-        res.raise_for_error()
-        for name, vector in ((DISC, res.disc), *((GEN, s.vector) for s in res.samples)):
-            if vector is not None and not np.isfinite(np.asarray(vector)).all():
-                raise ValueError(f"the model gave a non-finite (NaN/inf) {name} vector for the query: the checkpoint "
-                                 "or its dtype is broken (try dtype=float32)")
-        queries = [VectorQuery(DISC, res.disc)] if res.disc is not None else []
-        queries += [VectorQuery(GEN, np.asarray(s.vector)) for s in res.samples]
-        factor = prefetch_factor or self.prefetch_factor
-        stored = self.store.query(queries, fusion, limit=k, prefetch_limit=k * factor, flt=filter)
+        prefetch = k * (prefetch_factor or self.prefetch_factor)
+        if fusion.adaptive:
+            first = self.queries.encode(item, disc=True, gen=False)
+            ranked = self.store.query([VectorQuery(DISC, first.disc)], Fusion("disc"), limit=max(k, 2),
+                                      prefetch_limit=prefetch, flt=filter)
+            gap = ranked[0].score - ranked[1].score if len(ranked) >= 2 else math.inf
+            if gap >= fusion.margin:  # the disc ranking is clear: no reasoning
+                return [Hit(id=h.id, score=h.score, disc_score=h.query_scores[0], gen_score=None, payload=h.payload)
+                        for h in ranked[:k]]
+            fusion = fusion.when_reasoning()
+        vectors = self.queries.encode(item, disc=fusion.needs_disc, gen=fusion.needs_gen, sampling=sampling)
+        queries = [VectorQuery(DISC, vectors.disc)] if vectors.disc is not None else []
+        queries += [VectorQuery(GEN, v) for v in vectors.gens]
+        stored = self.store.query(queries, fusion, limit=k, prefetch_limit=prefetch, flt=filter)
         hits = []
         gen_rows = [i for i, q in enumerate(queries) if q.using == GEN]
         for h in stored:
-            disc_score = h.query_scores[0] if res.disc is not None else None
+            disc_score = h.query_scores[0] if vectors.disc is not None else None
             gen_scores = [h.query_scores[i] for i in gen_rows if h.query_scores[i] is not None]
             gen_score = float(np.mean(gen_scores)) if gen_scores else None
-            hits.append(Hit(id=h.id, score=h.score, disc_score=disc_score, gen_score=gen_score, payload=h.payload))
+            hits.append(Hit(id=h.id, score=h.score, disc_score=disc_score, gen_score=gen_score, payload=h.payload,
+                            reasoned=bool(gen_rows), query_reasoning=vectors.reasoning))
         return hits
 
     def close(self) -> None:
@@ -641,6 +718,19 @@ def _point_bytes(point: StoredPoint) -> int:
     """A point's size in a JSON upsert request, from above: at most ~24 bytes per float, its payload."""
     floats = sum(len(v) for v in point.vectors.values())
     return 24 * floats + len(json.dumps(point.payload, default=str)) + 64
+
+
+_NOT_REREADABLE = "an in-memory item with images or video, or text longer than the payload keeps, cannot be read again later"
+
+
+def _rereadable(loaded: LoadedItem) -> bool:
+    """Whether a backfill can make this item again: a file's item from the file, an in-memory
+    text-only item from its payload (text kept whole)."""
+    if not loaded.in_memory:
+        return True
+    item = loaded.item
+    return (item.video is None and not item.all_images() and item.text is not None
+            and len(item.text) <= MAX_PAYLOAD_TEXT_CHARS)
 
 
 def _modality(item: Item) -> str:

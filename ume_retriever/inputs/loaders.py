@@ -98,6 +98,7 @@ class LoadedItem:
     file_hash: str
     text: str | None = None  # text kept in the payload (the page's extracted text, the chunk)
     fields: dict[str, Any] = field(default_factory=dict)  # page, clip_start, clip_end, chunk
+    in_memory: bool = False  # given as an item, not read from a file: nothing to read it again from
 
 
 @dataclass
@@ -148,6 +149,26 @@ def _hash(*parts: bytes | str) -> str:
     for part in parts:
         h.update(part.encode() if isinstance(part, str) else part)
         h.update(b"\x00")
+    return h.hexdigest()
+
+
+def item_hash(item: Item) -> str:
+    """A content hash of an in-memory item (text, instruction, image and video bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (item.instruction or "", item.text or ""):
+        h.update(part.encode())
+        h.update(b"\x00")
+    media = list(item.all_images()) + ([] if item.video is None else
+                                        (item.video if isinstance(item.video, (list, tuple)) else [item.video]))
+    for src in media:
+        if isinstance(src, (str, os.PathLike)):
+            h.update(file_hash(Path(src)).encode() if Path(src).is_file() else os.fspath(src).encode())
+        elif isinstance(src, (bytes, bytearray)):
+            h.update(src)
+        elif hasattr(src, "tobytes"):
+            h.update(src.tobytes())
+        h.update(b"\x01")
+    h.update(f"{item.video_start}-{item.video_end}".encode())
     return h.hexdigest()
 
 
@@ -251,6 +272,35 @@ def load_file(path: Path, config: LoaderConfig, fhash: str | None = None) -> Ite
         yield from _text_chunks(path, config, fhash)
 
 
+def load_locator(path: Path, locator: str, config: LoaderConfig, fhash: str) -> LoadedItem:
+    """The one item at ``locator`` of a file, as ``load_file`` makes it (same content hash):
+    a PDF renders only that page, a video reads only that clip's headers. ``FileLoadError``
+    when the file cannot give it (changed, shorter, unreadable)."""
+    kind = modality_of(path)
+    if kind is None:
+        raise FileLoadError(f"unsupported file type {path.suffix or '(no suffix)'!r}")
+    name, _, value = locator.partition("=")
+    if kind == "pdf" and name == "page" and value.isdigit():
+        number = int(value)
+        with decoding(path):
+            doc = open_pdf(path)
+        with doc:
+            if not 1 <= number <= doc.page_count:
+                raise FileLoadError(f"page {number} does not exist ({doc.page_count} pages)")
+            return _pdf_page_item(doc, path, number, config, fhash)
+    if kind == "video" and name == "clip":
+        start, _, end = value.partition("-")
+        try:
+            bounds = float(start), float(end)
+        except ValueError:
+            raise FileLoadError(f"not a clip locator: {locator!r}") from None
+        return _clip_item(path, *bounds, fhash)
+    for loaded in load_file(path, config, fhash):  # an image, a text chunk: cheap to load whole
+        if loaded.locator == locator:
+            return loaded
+    raise FileLoadError(f"the file has no item {locator!r} any more")
+
+
 def render_page(page: Any, dpi: int, max_pixels: int | None) -> Image.Image:
     """One pymupdf page as an RGB image at ``dpi``, scaled down to fit ``max_pixels``."""
     import pymupdf
@@ -298,19 +348,22 @@ def _pdf_pages(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedI
     with decoding(path):
         doc = open_pdf(path)
     with doc:
-        for number in range(doc.page_count):
-            try:
-                with decoding(path):
-                    page = doc.load_page(number)
-                    image = render_page(page, config.pdf_dpi, config.pdf_max_pixels)
-                    text = page.get_text().strip()
-                chash = _hash(image.tobytes(), str(image.width), str(image.height))
-            except Exception as exc:  # noqa: BLE001
-                raise FileLoadError(f"page {number + 1}: cannot render ({exc})") from None
-            yield LoadedItem(
-                Item(image=image), str(path), f"page={number + 1}", "pdf_page", content_hash=chash,
-                file_hash=fhash, text=text, fields={"page": number + 1, "pages": doc.page_count},
-            )
+        for number in range(1, doc.page_count + 1):
+            yield _pdf_page_item(doc, path, number, config, fhash)
+
+
+def _pdf_page_item(doc: Any, path: Path, number: int, config: LoaderConfig, fhash: str) -> LoadedItem:
+    """Page ``number`` (1-based) of an open PDF, rendered, with its text and content hash."""
+    try:
+        with decoding(path):
+            page = doc.load_page(number - 1)
+            image = render_page(page, config.pdf_dpi, config.pdf_max_pixels)
+            text = page.get_text().strip()
+        chash = _hash(image.tobytes(), str(image.width), str(image.height))
+    except Exception as exc:  # noqa: BLE001
+        raise FileLoadError(f"page {number}: cannot render ({exc})") from None
+    return LoadedItem(Item(image=image), str(path), f"page={number}", "pdf_page", content_hash=chash,
+                      file_hash=fhash, text=text, fields={"page": number, "pages": doc.page_count})
 
 
 def clip_bounds(duration: float, clip_seconds: float | None) -> list[tuple[float, float]]:
@@ -334,11 +387,15 @@ def _video_clips(path: Path, config: LoaderConfig, fhash: str) -> Iterator[Loade
     except InputError as exc:
         raise FileLoadError(exc.reason) from None
     for start, end in clip_bounds(info.duration, config.video_clip_seconds):
-        yield LoadedItem(
-            Item(video=path, video_start=start, video_end=end), str(path), f"clip={start:.3f}-{end:.3f}", "video",
-            content_hash=_hash(fhash, f"{start:.3f}-{end:.3f}"), file_hash=fhash,
-            fields={"clip_start": round(start, 3), "clip_end": round(end, 3)},
-        )
+        yield _clip_item(path, start, end, fhash)
+
+
+def _clip_item(path: Path, start: float, end: float, fhash: str) -> LoadedItem:
+    return LoadedItem(
+        Item(video=path, video_start=start, video_end=end), str(path), f"clip={start:.3f}-{end:.3f}", "video",
+        content_hash=_hash(fhash, f"{start:.3f}-{end:.3f}"), file_hash=fhash,
+        fields={"clip_start": round(start, 3), "clip_end": round(end, 3)},
+    )
 
 
 def _text_chunks(path: Path, config: LoaderConfig, fhash: str) -> Iterator[LoadedItem]:

@@ -6,12 +6,12 @@ import os
 from typing import Any
 
 from .base import (
-    DISC, GEN, VECTOR_NAMES, FilterSpec, NonFiniteVectorError, SchemaMismatchError, StoreCorruptError, StoredHit,
+    DISC, GEN, GEN_FAILED, GEN_PENDING, GEN_STATUS, VECTOR_NAMES, FilterSpec, NonFiniteVectorError, SchemaMismatchError, StoreCorruptError, StoredHit,
     StoredPoint, StoreLockedError, StoreSchema, VectorQuery, VectorStore, WriterLeaseError,
 )
 
 __all__ = [
-    "DISC", "GEN", "VECTOR_NAMES", "FilterSpec", "NonFiniteVectorError", "SchemaMismatchError", "StoreCorruptError",
+    "DISC", "GEN", "GEN_FAILED", "GEN_PENDING", "GEN_STATUS", "VECTOR_NAMES", "FilterSpec", "NonFiniteVectorError", "SchemaMismatchError", "StoreCorruptError",
     "StoredHit", "StoredPoint", "StoreLockedError", "StoreSchema", "VectorQuery", "VectorStore", "WriterLeaseError",
     "open_store", "recorded_schema",
 ]

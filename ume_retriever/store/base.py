@@ -133,6 +133,12 @@ class VectorStore(Protocol):
         flt: FilterSpec | None = None,
     ) -> list[StoredHit]: ...
 
+    def fill_vectors(self, updates: Sequence[StoredPoint]) -> set[str]:
+        """Add each update's vectors to the existing point of its id and merge its payload
+        fields into the point's (one atomic point write each); ids that no longer exist are
+        left alone (never re-created). Returns the ids written."""
+        ...
+
     def optimize(self) -> None: ...
 
     def close(self) -> None: ...
@@ -208,6 +214,21 @@ def fused_query(
     return [StoredHit(id=str(pid), score=float(score), payload=payloads[str(pid)],
                       query_scores=[known.get(i, {}).get(str(pid)) for i in range(len(queries))])
             for pid, score in fused if str(pid) in payloads]
+
+
+def merged_points(updates: Sequence[StoredPoint], records: Iterable[Any]) -> list[StoredPoint]:
+    """Full points for ``fill_vectors``: each existing record (``id``, ``vector``, ``payload``)
+    with its update's vectors added and payload fields merged (a field set to None is removed)."""
+    by_id = {str(u.id): u for u in updates}
+    out = []
+    for r in records:
+        update = by_id.get(str(r.id))
+        if update is None:
+            continue
+        vectors = {**dict(r.vector or {}), **update.vectors}
+        payload = {k: v for k, v in {**dict(r.payload or {}), **update.payload}.items() if v is not None}
+        out.append(StoredPoint(id=str(r.id), vectors=vectors, payload=payload))
+    return out
 
 
 def paged_payloads(fetch_page: Callable[[Any], tuple[Sequence[Any], Any]]) -> Iterator[tuple[str, dict[str, Any]]]:

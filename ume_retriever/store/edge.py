@@ -26,7 +26,7 @@ from ..fusion import Fusion
 from .base import (
     INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, NearestRequest, SchemaMismatchError, StoreCorruptError, StoredHit,
     StoredPoint, StoreLockedError, StoreSchema, VectorQuery, check_points, classify_conditions, fused_query,
-    paged_payloads,
+    merged_points, paged_payloads,
 )
 
 logger = logging.getLogger(__name__)
@@ -218,6 +218,20 @@ class EdgeStore:
                           payload=p.payload) for p in points]
         with self._mutex:
             self._shard.update(qe.UpdateOperation.upsert_points(batch))
+
+    def fill_vectors(self, updates: Sequence[StoredPoint]) -> set[str]:
+        if not updates:
+            return set()
+        check_points(updates, self.schema.vector_size)
+        qe = self._qe
+        with self._mutex:  # read and write under one lock: a point deleted meanwhile stays deleted
+            records = self._shard.retrieve([u.id for u in updates], with_payload=True, with_vector=True)
+            points = merged_points(updates, records)
+            if points:
+                self._shard.update(qe.UpdateOperation.upsert_points([
+                    qe.Point(id=p.id, vector={k: np.asarray(v, dtype=np.float32).tolist() for k, v in p.vectors.items()},
+                             payload=p.payload) for p in points]))
+        return {p.id for p in points}
 
     def delete_ids(self, ids: Sequence[str]) -> None:
         if ids:

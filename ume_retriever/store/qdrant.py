@@ -28,7 +28,8 @@ import numpy as np
 from ..fusion import Fusion
 from .base import (
     INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, NearestRequest, StoredHit, StoredPoint, StoreLockedError, StoreSchema,
-    VectorQuery, WriterLeaseError, check_points, classify_conditions, fused_query, paged_payloads,
+    VectorQuery, WriterLeaseError, check_points, classify_conditions, fused_query, merged_points,
+    paged_payloads,
 )
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,25 @@ class QdrantStore:
         with self._mutex:
             self._hold_lease()
             self.client.upsert(self.collection, batch, wait=True)
+
+    def fill_vectors(self, updates: Sequence[StoredPoint]) -> set[str]:
+        """As the protocol says; against a server, a point deleted by another writer between
+        this read and this write would come back (one round trip; one writer holds the lease)."""
+        if not updates:
+            return set()
+        check_points(updates, self.schema.vector_size)
+        m = self._m
+        with self._mutex:
+            self._hold_lease()
+            records = self.client.retrieve(self.collection, [u.id for u in updates], with_payload=True,
+                                           with_vectors=True)
+            points = merged_points(updates, records)
+            if points:
+                self.client.upsert(self.collection, [
+                    m.PointStruct(id=p.id, vector={k: np.asarray(v, dtype=np.float32).tolist()
+                                                   for k, v in p.vectors.items()}, payload=p.payload)
+                    for p in points], wait=True)
+        return {p.id for p in points}
 
     def delete_ids(self, ids: Sequence[str]) -> None:
         if ids:
