@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,10 +38,24 @@ from .faults import fault_point
 from .inputs import decode_guard
 from .inputs.item import Item
 from .inputs.loaders import FileLoadError, file_hash, load_locator
-from .store import GEN, GEN_FAILED, GEN_PENDING, GEN_STATUS, StoredPoint
+from .ingest_journal import IngestJournal
+from .inputs.loaders import LoaderConfig
+from .model.protocol import EncoderLike
+from .store import GEN, GEN_FAILED, GEN_PENDING, GEN_STATUS, StoredPoint, VectorStore
 
-if TYPE_CHECKING:
-    from .index import UMEIndex
+
+class Backfillable(Protocol):
+    """What a backfill needs of an index (``UMEIndex`` has it)."""
+
+    store: VectorStore
+    encoder: EncoderLike
+    journal: IngestJournal
+    loader: LoaderConfig
+    batch_size: int
+    flush_batches: int
+    write_lock: Any
+
+    def pending_gen(self) -> int: ...
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +100,7 @@ class _Changed(Exception):
 
 
 def backfill_gen(
-    index: "UMEIndex", *, limit: int | None = None, show_progress: bool = False, retry_failed: bool = False,
+    index: Backfillable, *, limit: int | None = None, show_progress: bool = False, retry_failed: bool = False,
     batch_size: int | None = None, stop: threading.Event | None = None,
 ) -> BackfillReport:
     """Compute the pending gen vectors of ``index`` (at most ``limit``), in windows of
@@ -134,7 +148,7 @@ def _locator_key(locator: str) -> tuple[str, float]:
         return name, 0.0
 
 
-def _fill_window(index: "UMEIndex", chunk: list[tuple[str, dict[str, Any]]], batch: int,
+def _fill_window(index: Backfillable, chunk: list[tuple[str, dict[str, Any]]], batch: int,
                  report: BackfillReport) -> None:
     file_hashes: dict[str, str | Exception] = {}
     items: list[tuple[str, dict[str, Any], Item]] = []
@@ -178,7 +192,7 @@ def _failure(pid: str, reason: str) -> StoredPoint:
     return StoredPoint(id=pid, vectors={}, payload={GEN_STATUS: GEN_FAILED, "gen_error": reason})
 
 
-def _remake(index: "UMEIndex", payload: dict[str, Any], file_hashes: dict[str, str | Exception],
+def _remake(index: Backfillable, payload: dict[str, Any], file_hashes: dict[str, str | Exception],
             sources: set[str]) -> Item:
     """The item a pending point was made from, checked against its stored content hash."""
     if payload.get("gen_from") == GEN_FROM_PAYLOAD:

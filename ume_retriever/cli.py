@@ -3,6 +3,8 @@
     ume index docs/ slides.pdf photo.jpg --model zhibinlan/UME-R1-2B
     ume search "a red circle in the top left" --k 5
     ume search --image query.png --fusion weighted:disc=0.3,gen=0.7 --json
+    ume index big-folder/ --gen later   # searchable at once; reasoning later
+    ume backfill                        # compute the pending gen vectors
     ume delete docs/old.pdf
     ume info
 
@@ -69,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="try again files an earlier ingest died on while decoding them")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="follow symbolic links that lead out of the given folders (skipped by default)")
+    p.add_argument("--gen", default="now", choices=("now", "later"),
+                   help="later: store disc vectors only (searchable at once); `ume backfill` adds the gen vectors")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("backfill", help="compute the gen vectors of points indexed with --gen later")
+    store_args(p)
+    model_args(p)
+    p.add_argument("--limit", type=int, help="at most this many points (newest ingest first)")
+    p.add_argument("--retry-failed", action="store_true", help="also retry points whose backfill failed")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("search", help="search with a text and/or image query")
@@ -76,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="an image file as (part of) the query")
     p.add_argument("--k", type=int, default=5, help="results (default 5)")
     p.add_argument("--fusion", default="rrf",
-                   help="rrf (default), weighted, dbsf, disc, gen; parameters: weighted:disc=0.3,gen=0.7, rrf:k=61")
+                   help="rrf (default), weighted, dbsf, disc, gen, adaptive; parameters: weighted:disc=0.3,gen=0.7, "
+                        "rrf:k=61, adaptive:margin=0.05,then=rrf (reason only when the disc top-2 gap < margin)")
     p.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
                    help="payload filter, repeatable (ANDed): modality=pdf_page, page=3, page>=2, page<5, "
                         "modality=image|pdf_page (any of), title=\"quoted text\" (docs/cli.md: the grammar)")
@@ -278,11 +290,13 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
         raise CLIError(f"--vectors {args.vectors!r}: use disc, gen or disc,gen")
     with _open_index(args, vectors) as index:
         report = index.add(args.paths, show_progress=not args.json, prune=args.prune,
-                           retry_quarantined=args.retry_quarantined)
+                           retry_quarantined=args.retry_quarantined, gen=args.gen)
         total = index.count()
+        pending = index.pending_gen()
     if args.json:
         print(json.dumps({"entries": [e.__dict__ for e in report.entries], "stale_removed": report.deleted_stale,
-                          "seconds": report.seconds, "points": total, "optimized": report.optimized}, indent=2))
+                          "seconds": report.seconds, "points": total, "optimized": report.optimized,
+                          "gen_pending": pending}, indent=2))
         return 1 if report.failed else 0
     from rich.markup import escape
     from rich.table import Table
@@ -307,6 +321,42 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
         console.print(table)
     if report.optimized:
         console.print("vector indexes (HNSW) built for the new points")
+    if pending:
+        console.print(f"{pending} point(s) wait for their gen vector: run `ume backfill`")
+    return 1 if report.failed else 0
+
+
+def cmd_backfill(args: argparse.Namespace, console: Any) -> int:
+    if args.limit is not None and args.limit < 0:
+        raise CLIError(f"--limit must be >= 0, got {args.limit}")
+    with _open_index(args, must_exist=True) as index:
+        if index.vectors != ("disc", "gen"):
+            raise CLIError("this index does not store gen vectors: nothing to backfill")
+        report = index.backfill_gen(args.limit, show_progress=not args.json, retry_failed=args.retry_failed)
+        failed_total = index.failed_gen()
+    if args.json:
+        print(json.dumps({"filled": report.filled, "failed": [e.__dict__ for e in report.failed],
+                          "changed": [e.__dict__ for e in report.changed], "pending": report.remaining,
+                          "failed_total": failed_total, "seconds": report.seconds}, indent=2))
+        return 1 if report.failed else 0
+    from rich.markup import escape
+    from rich.table import Table
+
+    summary = Table(title="gen backfill")
+    for col in ("filled", "failed", "changed", "still pending", "seconds"):
+        summary.add_column(col, justify="right")
+    summary.add_row(str(report.filled), str(len(report.failed)), str(len(report.changed)), str(report.remaining),
+                    f"{report.seconds:.1f}")
+    console.print(summary)
+    for title, style, entries in (("Failed (ume backfill --retry-failed retries)", "bold red", report.failed),
+                                  ("Changed since indexed (run ume index again)", "yellow", report.changed)):
+        if entries:
+            table = Table(title=title, title_style=style)
+            for col in ("source", "where", "reason"):
+                table.add_column(col, overflow="fold")
+            for e in entries:
+                table.add_row(escape(e.source), escape(e.locator), escape(e.reason))
+            console.print(table)
     return 1 if report.failed else 0
 
 
@@ -330,7 +380,9 @@ def cmd_search(args: argparse.Namespace, console: Any) -> int:
         print(json.dumps([{"rank": i + 1, "id": h.id, "score": h.score, "disc_score": h.disc_score,
                            "gen_score": h.gen_score, "source": h.source, "page": h.page,
                            "modality": h.payload.get("modality"), "locator": h.payload.get("locator"),
-                           "reasoning": h.reasoning} for i, h in enumerate(hits)], indent=2))
+                           "reasoning": h.reasoning, "reasoned": h.reasoned,
+                           "gen_pending": h.payload.get("gen_status") is not None} for i, h in enumerate(hits)],
+                         indent=2))
         return 0
     from rich.markup import escape
     from rich.table import Table
@@ -391,10 +443,13 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
     schema, store = _open_existing_store(args)
     try:
         modalities: Counter = Counter()
+        gen_status: Counter = Counter()
         sources: set[str] = set()
-        for _, payload in store.scroll({"kind": "item"}, ["modality", "source"]):
+        for _, payload in store.scroll({"kind": "item"}, ["modality", "source", "gen_status"]):
             modalities[payload.get("modality", "?")] += 1
             sources.add(payload.get("source", "?"))
+            if payload.get("gen_status"):
+                gen_status[payload["gen_status"]] += 1
         # files whose last ingest failed: their last good version is what search serves
         stale = {p["source"]: p["last_error"] for _, p in store.scroll({"kind": "manifest"}, ["source", "last_error"])
                  if p.get("last_error")}
@@ -405,7 +460,8 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
         info = {"location": store.location, "collection": args.collection, "model": schema.model,
                 "revision": schema.revision, "vector_size": schema.vector_size, "distance": schema.distance,
                 "items": sum(modalities.values()), "sources": len(sources), "by_modality": dict(modalities),
-                "stale_sources": stale, "quarantined": quarantined}
+                "stale_sources": stale, "quarantined": quarantined,
+                "gen_pending": gen_status["pending"], "gen_failed": gen_status["failed"]}
     finally:
         store.close()
     if args.json:
@@ -419,6 +475,9 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
         table.add_row(key, escape(str(info[key])))
     for modality, n in sorted(modalities.items()):
         table.add_row(f"  {modality}", str(n))
+    table.add_row("gen pending", f"{info['gen_pending']}" + ("; run: ume backfill" if info["gen_pending"] else ""))
+    if info["gen_failed"]:
+        table.add_row("gen failed", f"{info['gen_failed']}; retry: ume backfill --retry-failed")
     table.add_row("stale sources", str(len(stale)))
     for source, reason in sorted(stale.items()):
         table.add_row(f"  {escape(source)}", escape(f"last ingest failed ({reason}): last good version served"))
@@ -429,7 +488,8 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search, "delete": cmd_delete, "info": cmd_info}
+COMMANDS = {"index": cmd_index, "backfill": cmd_backfill, "search": cmd_search, "delete": cmd_delete,
+            "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

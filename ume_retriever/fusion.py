@@ -26,8 +26,8 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "adaptive": ("margin", "then", "disc", "gen", "k"),
 }
 _PARAMETER_FIELDS = {"disc": "disc_weight", "gen": "gen_weight", "k": "k", "margin": "margin", "then": "then"}
-# The default disc margin of ``adaptive`` (see docs/indexing.md for the calibration it comes from).
-DEFAULT_ADAPTIVE_MARGIN = 0.05
+# ``adaptive`` has no default margin: the right one depends on the checkpoint (its disc score
+# gaps) and is measured with ``ume-eval --calibrate-adaptive`` (docs/evaluation.md).
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Fusion:
     disc_weight: float = 1.0
     gen_weight: float = 1.0
     k: int = 60
-    margin: float = DEFAULT_ADAPTIVE_MARGIN  # adaptive only
+    margin: float | None = None  # adaptive only, and required there
     then: str = "rrf"  # adaptive only
 
     def __post_init__(self) -> None:
@@ -61,8 +61,12 @@ class Fusion:
             raise ValueError(f"fusion must be one of {', '.join(FUSION_METHODS)}; got {self.method!r}")
         if self.then not in ADAPTIVE_THEN:
             raise ValueError(f"adaptive then= must be one of {', '.join(ADAPTIVE_THEN)}; got {self.then!r}")
-        if isinstance(self.margin, bool) or not isinstance(self.margin, numbers.Real) or not math.isfinite(self.margin) \
-                or self.margin < 0:
+        if self.method == "adaptive" and self.margin is None:
+            raise ValueError("adaptive fusion needs its margin, e.g. adaptive:margin=0.02: the disc top-1/top-2 score "
+                             "gap below which the query reasons; calibrate it for your checkpoint with "
+                             "ume-eval --calibrate-adaptive (docs/evaluation.md)")
+        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, numbers.Real)
+                                        or not math.isfinite(self.margin) or self.margin < 0):
             raise ValueError(f"the adaptive margin must be a finite number >= 0, got {self.margin!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
             raise ValueError(f"rrf k must be an integer, got {self.k!r}")

@@ -7,11 +7,14 @@ one call; nothing is re-encoded).
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .fusion import Fusion
-from .index import Hit, IngestReport, UMEIndex
+from .backfill import BackfillReport
+from .index import GenWhen, Hit, IngestReport, UMEIndex
 from .inputs.query import build_query
 from .model.protocol import EncoderLike
 from .store import DISC, GEN, FilterSpec
@@ -19,6 +22,8 @@ from .store import DISC, GEN, FilterSpec
 if TYPE_CHECKING:
     from .integrations.langchain import UMERetriever as LangChainRetriever
     from .integrations.llama_index import UMERetriever as LlamaIndexRetriever
+
+logger = logging.getLogger(__name__)
 
 
 class UMERetriever:
@@ -39,6 +44,8 @@ class UMERetriever:
         self.fusion = Fusion.parse(fusion or index.default_fusion)
         self.filter = filter
         self.gen_samples = gen_samples
+        self._backfill_stop = threading.Event()
+        self._backfill_thread: threading.Thread | None = None
 
     @classmethod
     def from_pretrained(
@@ -70,11 +77,48 @@ class UMERetriever:
         return self.index.encoder
 
     def add(self, inputs: Iterable[Any] | str | os.PathLike, *, show_progress: bool = False, prune: bool = False,
-            retry_quarantined: bool = False, optimize: bool | None = None) -> IngestReport:
+            retry_quarantined: bool = False, optimize: bool | None = None, gen: GenWhen = "now") -> IngestReport:
         """Index files, folders and items (see ``UMEIndex.add``); unchanged content is skipped.
-        A large ingest ends by building the store's vector indexes (``optimize``)."""
+        A large ingest ends by building the store's vector indexes (``optimize``).
+        ``gen="later"``: searchable at once with disc vectors; gen vectors come from
+        ``backfill_gen`` or the background thread of ``start_backfill``."""
         return self.index.add(inputs, show_progress=show_progress, prune=prune, retry_quarantined=retry_quarantined,
-                              optimize=optimize)
+                              optimize=optimize, gen=gen)
+
+    def backfill_gen(self, limit: int | None = None, show_progress: bool = False) -> BackfillReport:
+        """Compute pending gen vectors now, in this thread (see ``UMEIndex.backfill_gen``)."""
+        return self.index.backfill_gen(limit, show_progress)
+
+    def start_backfill(self, *, poll_seconds: float = 5.0, batch_size: int | None = None) -> None:
+        """Backfill pending gen vectors in a background thread while the app serves queries.
+
+        The thread works in windows of ``batch_size`` (default: the index's) times the index's
+        ``flush_batches`` items; a query waits for at most one model batch of it (the encoder
+        runs one batch at a time). When nothing is pending it looks again every
+        ``poll_seconds``, so later ``add(..., gen="later")`` calls are picked up. ``close()``
+        (or ``stop_backfill()``) stops it between windows; what it had finished is kept."""
+        if self._backfill_thread is not None and self._backfill_thread.is_alive():
+            return
+        self._backfill_stop.clear()
+
+        def run() -> None:
+            while not self._backfill_stop.is_set():
+                try:
+                    report = self.index.backfill_gen(batch_size=batch_size, stop=self._backfill_stop)
+                except Exception:  # noqa: BLE001 - keep serving; retried at the next poll
+                    logger.exception("background gen backfill failed; retrying in %.0fs", poll_seconds)
+                    report = None
+                if report is None or int(report) == 0 or report.stopped:
+                    self._backfill_stop.wait(poll_seconds)
+
+        self._backfill_thread = threading.Thread(target=run, name="ume-gen-backfill", daemon=True)
+        self._backfill_thread.start()
+
+    def stop_backfill(self, timeout: float | None = None) -> None:
+        """Stop the background backfill (after the window in progress) and wait for it."""
+        self._backfill_stop.set()
+        if self._backfill_thread is not None:
+            self._backfill_thread.join(timeout)
 
     def delete(self, source: str | os.PathLike) -> int:
         """Remove a source's points; returns how many items it had."""
@@ -113,6 +157,7 @@ class UMERetriever:
         return LlamaIndexRetriever(index=self.index, **kwargs)
 
     def close(self) -> None:
+        self.stop_backfill()
         self.index.close()
 
     def __enter__(self) -> "UMERetriever":

@@ -169,6 +169,10 @@ class SearchEngine(Protocol):
         """Per ``(query, ids)``: the exact cosine of each of those points that has the vector."""
         ...
 
+    def may_lack_gen(self) -> bool:
+        """False only when surely no point waits for its gen vector (the pending search is skipped)."""
+        ...
+
 
 def fused_query(
     engine: SearchEngine, vector_size: int, queries: Sequence[VectorQuery], fusion: Fusion, limit: int,
@@ -189,7 +193,8 @@ def fused_query(
     depth = limit if len(kept) == 1 else prefetch_limit
     requests = [NearestRequest(queries[i], depth) for i in kept]
     disc_at = next((i for i in kept if queries[i].using == DISC), None)
-    pending_check = len(kept) > 1 and disc_at is not None and any(queries[i].using == GEN for i in kept)
+    pending_check = (len(kept) > 1 and disc_at is not None and any(queries[i].using == GEN for i in kept)
+                     and engine.may_lack_gen())
     if pending_check:  # the disc list's points that have no gen vector (a filtered disc search)
         requests.append(NearestRequest(queries[disc_at], depth, {GEN_STATUS: [GEN_PENDING, GEN_FAILED]}))
     answers = engine.nearest(requests, flt)

@@ -24,9 +24,9 @@ import numpy as np
 from ..faults import fault_point
 from ..fusion import Fusion
 from .base import (
-    INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, NearestRequest, SchemaMismatchError, StoreCorruptError, StoredHit,
-    StoredPoint, StoreLockedError, StoreSchema, VectorQuery, check_points, classify_conditions, fused_query,
-    merged_points, paged_payloads,
+    GEN_FAILED, GEN_PENDING, GEN_STATUS, INDEXED_FIELDS, VECTOR_NAMES, FilterSpec, NearestRequest,
+    SchemaMismatchError, StoreCorruptError, StoredHit, StoredPoint, StoreLockedError, StoreSchema, VectorQuery,
+    check_points, classify_conditions, fused_query, merged_points, paged_payloads,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class EdgeStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._acquire_lock()
         self._mutex = threading.RLock()
+        self._gen_gaps: bool | None = None  # any point without its gen vector? None: count at the next query
         try:
             self._shard = self._open()
         except BaseException:
@@ -218,6 +219,10 @@ class EdgeStore:
                           payload=p.payload) for p in points]
         with self._mutex:
             self._shard.update(qe.UpdateOperation.upsert_points(batch))
+            if any(GEN_STATUS in p.payload for p in points):
+                self._gen_gaps = True
+            elif self._gen_gaps:
+                self._gen_gaps = None  # an upsert may replace a pending point
 
     def fill_vectors(self, updates: Sequence[StoredPoint]) -> set[str]:
         if not updates:
@@ -227,6 +232,7 @@ class EdgeStore:
         with self._mutex:  # read and write under one lock: a point deleted meanwhile stays deleted
             records = self._shard.retrieve([u.id for u in updates], with_payload=True, with_vector=True)
             points = merged_points(updates, records)
+            self._gen_gaps = None
             if points:
                 self._shard.update(qe.UpdateOperation.upsert_points([
                     qe.Point(id=p.id, vector={k: np.asarray(v, dtype=np.float32).tolist() for k, v in p.vectors.items()},
@@ -237,10 +243,12 @@ class EdgeStore:
         if ids:
             with self._mutex:
                 self._shard.update(self._qe.UpdateOperation.delete_points(list(ids)))
+                self._gen_gaps = None if self._gen_gaps else self._gen_gaps
 
     def delete_where(self, flt: FilterSpec) -> None:
         with self._mutex:
             self._shard.update(self._qe.UpdateOperation.delete_points_by_filter(self._filter(flt)))
+            self._gen_gaps = None if self._gen_gaps else self._gen_gaps
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:
@@ -280,6 +288,13 @@ class EdgeStore:
         with self._mutex:
             answers = self._shard.query_batch(qe.QueryBatchRequest(batch))
         return [[(str(p.id), float(p.score)) for p in points] for points in answers]
+
+    def may_lack_gen(self) -> bool:
+        """This process is the store's only writer (the lock), so whether any point lacks its gen
+        vector is known after each write; counted again only after a write that may change it."""
+        if self._gen_gaps is None:
+            self._gen_gaps = self.count({GEN_STATUS: [GEN_PENDING, GEN_FAILED]}) > 0
+        return self._gen_gaps
 
     def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         with self._mutex:

@@ -324,6 +324,9 @@ class QdrantStore:
             answers = self.client.query_batch_points(self.collection, batch)
         return [[(str(p.id), float(p.score)) for p in a.points] for a in answers]
 
+    def may_lack_gen(self) -> bool:
+        return True  # other writers may add pending points at any time: always look
+
     def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         with self._reading():
             records = self.client.retrieve(self.collection, list(ids), with_payload=True, with_vectors=False)
