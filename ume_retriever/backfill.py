@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -118,15 +119,22 @@ def backfill_gen(
     index.journal.recover()
     from tqdm.auto import tqdm
 
+    windows = [todo[start:start + window] for start in range(0, len(todo), window)]
     with decode_guard.watching(index.journal), tqdm(total=len(todo), desc="gen backfill", unit="item",
-                                                    disable=not show_progress) as bar:
-        for start in range(0, len(todo), window):
+                                                    disable=not show_progress) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="ume-backfill-load") as loader:
+        # the next window is read and rendered while the model reasons over this one
+        ahead = loader.submit(_remake_window, index, windows[0]) if windows else None
+        for n, chunk in enumerate(windows):
             if stop is not None and stop.is_set():
                 report.stopped = True
                 break
-            chunk = todo[start:start + window]
-            _fill_window(index, chunk, batch, report)
+            made = ahead.result()
+            ahead = loader.submit(_remake_window, index, windows[n + 1]) if n + 1 < len(windows) else None
+            _fill_window(index, made, batch, report)
             bar.update(len(chunk))
+        if ahead is not None:
+            ahead.cancel()
     report.remaining = index.pending_gen()
     report.seconds = time.perf_counter() - started
     logger.info("backfill: %s", report.summary())
@@ -148,23 +156,41 @@ def _locator_key(locator: str) -> tuple[str, float]:
         return name, 0.0
 
 
-def _fill_window(index: Backfillable, chunk: list[tuple[str, dict[str, Any]]], batch: int,
-                 report: BackfillReport) -> None:
+@dataclass
+class _Window:
+    """One window's items made again, and what could not be."""
+
+    items: list[tuple[str, dict[str, Any], Item]] = field(default_factory=list)
+    changed: list[BackfillEntry] = field(default_factory=list)
+    failed: list[BackfillEntry] = field(default_factory=list)
+    sources: set[str] = field(default_factory=set)
+
+
+def _remake_window(index: Backfillable, chunk: list[tuple[str, dict[str, Any]]]) -> _Window:
+    out = _Window()
     file_hashes: dict[str, str | Exception] = {}
-    items: list[tuple[str, dict[str, Any], Item]] = []
-    updates: list[StoredPoint] = []
-    sources: set[str] = set()
     for pid, payload in chunk:
         entry = BackfillEntry(pid, str(payload.get("source")), str(payload.get("locator") or ""), "")
         try:
-            items.append((pid, payload, _remake(index, payload, file_hashes, sources)))
+            out.items.append((pid, payload, _remake(index, payload, file_hashes, out.sources)))
         except _Changed as exc:
             entry.reason = str(exc)
-            report.changed.append(entry)
+            out.changed.append(entry)
         except (FileLoadError, InputError, OSError, ValueError) as exc:
             entry.reason = getattr(exc, "reason", None) or str(exc)
-            report.failed.append(entry)
-            updates.append(_failure(pid, entry.reason))
+            out.failed.append(entry)
+        except Exception as exc:  # noqa: BLE001 - one item's surprise must not lose the window
+            logger.warning("remaking %s %s failed", entry.source, entry.locator, exc_info=True)
+            entry.reason = f"unexpected {type(exc).__name__} while reading it again: {exc}"
+            out.failed.append(entry)
+    return out
+
+
+def _fill_window(index: Backfillable, made: _Window, batch: int, report: BackfillReport) -> None:
+    items, sources = made.items, made.sources
+    report.changed += made.changed
+    report.failed += made.failed
+    updates: list[StoredPoint] = [_failure(e.id, e.reason) for e in made.failed]
     results = index.encoder.encode([item for _, _, item in items], mode="gen", batch_size=batch) if items else []
     now = datetime.now(timezone.utc).isoformat()
     for (pid, payload, _), res in zip(items, results):

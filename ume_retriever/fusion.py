@@ -9,6 +9,7 @@ all points, from a score matrix; tests check both engines against it.
 
 from __future__ import annotations
 
+import heapq
 import math
 import numbers
 from dataclasses import dataclass
@@ -205,33 +206,29 @@ def fuse_lists(
     stand_ins = [] if disc is None or not without_gen else \
         [(rank, pid, score) for rank, (pid, score) in enumerate(disc.entries) if pid in without_gen]
     fused: dict[PointId, float] = {}
-
-    def add(pid: PointId, value: float) -> None:
-        fused[pid] = fused.get(pid, 0.0) + value
-
+    get = fused.get
     for rl, w in kept:
         borrowed = stand_ins if rl.using == "gen" else []
         if fusion.method == "rrf":
+            offset = fusion.k + 1 / w - 1
             for rank, (pid, _) in enumerate(rl.entries):
-                add(pid, 1.0 / (fusion.k + rank / w + (1 / w - 1)))
+                fused[pid] = get(pid, 0.0) + 1.0 / (offset + rank / w)
             for rank, pid, _ in borrowed:
-                add(pid, 1.0 / (fusion.k + rank / w + (1 / w - 1)))
+                fused[pid] = get(pid, 0.0) + 1.0 / (offset + rank / w)
         elif fusion.method == "dbsf":
-            source = disc if borrowed else rl
             own = _dbsf_normaliser([s for _, s in rl.entries])
             for pid, score in rl.entries:
-                add(pid, own(score))
-            if borrowed and source is not None:
-                theirs = _dbsf_normaliser([s for _, s in source.entries])
+                fused[pid] = get(pid, 0.0) + own(score)
+            if borrowed and disc is not None:
+                theirs = _dbsf_normaliser([s for _, s in disc.entries])
                 for _, pid, score in borrowed:
-                    add(pid, theirs(score))
+                    fused[pid] = get(pid, 0.0) + theirs(score)
         else:  # weighted (and disc-only / gen-only over several samples: a weighted mean)
             for pid, score in rl.entries:
-                add(pid, w * float(score))
+                fused[pid] = get(pid, 0.0) + w * float(score)
             for _, pid, score in borrowed:
-                add(pid, w * float(score))
-    ranked = sorted(fused.items(), key=lambda kv: -kv[1])
-    return ranked[:limit]
+                fused[pid] = get(pid, 0.0) + w * float(score)
+    return heapq.nlargest(limit, fused.items(), key=lambda kv: kv[1])
 
 
 def _dbsf_normaliser(scores: Sequence[float]):  # noqa: ANN202 - a small closure

@@ -4,7 +4,7 @@ and the adaptive calibration.
 Two scoring paths over the same (cached) vectors:
 - ``index`` (default): candidates are ingested into a real ``UMEIndex`` (embedded Qdrant Edge
   store in a temporary folder unless one is given) and every query goes through
-  ``UMEIndex.search``: what is measured is the product users run, fusion inside Qdrant included.
+  ``UMEIndex.search``: what is measured is the product users run, the store's fusion included.
 - ``exact``: numpy cosine over the whole pool and the numpy fusion reference; for large pools.
 pass@k, the weight sweep and the adaptive calibration always use the exact path (they are
 properties of the vectors). An ``adaptive`` fusion's modes also report ``reasoned``, the share

@@ -2,7 +2,8 @@
 
 Two backends implement it: ``EdgeStore`` (Qdrant Edge, embedded, the default) and
 ``QdrantStore`` (qdrant-client: a server or cluster by URL, or local mode). Both translate
-the same ``Filter`` and ``Fusion`` into their engine's types and run fusion in the engine.
+the same ``Filter`` into their engine's types; a fused query is ``fused_query`` for both: the
+engine finds each query vector's nearest points, the lists are fused here.
 """
 
 from __future__ import annotations
@@ -157,15 +158,16 @@ class NearestRequest:
 class SearchEngine(Protocol):
     """The three engine calls ``fused_query`` builds a search from (each backend has them)."""
 
-    def nearest(self, requests: Sequence[NearestRequest], flt: FilterSpec | None) -> list[list[tuple[str, float]]]:
-        """Per request, ``(id, cosine)`` best first; one engine call for all of them."""
+    def nearest(self, requests: Sequence[NearestRequest], flt: FilterSpec | None) -> list[list[tuple[Any, float]]]:
+        """Per request, ``(id, cosine)`` best first; one engine call for all of them. Ids may be
+        the engine's own objects (``uuid.UUID``): ``exact_scores`` takes and gives the same."""
         ...
 
-    def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The payloads of these points (a point deleted meanwhile is absent)."""
+    def payloads(self, ids: Sequence[Any]) -> dict[str, dict[str, Any]]:
+        """The payloads of these points, by id as a string (a point deleted meanwhile is absent)."""
         ...
 
-    def exact_scores(self, requests: Sequence[tuple[VectorQuery, Sequence[str]]]) -> list[dict[str, float]]:
+    def exact_scores(self, requests: Sequence[tuple[VectorQuery, Sequence[Any]]]) -> list[dict[Any, float]]:
         """Per ``(query, ids)``: the exact cosine of each of those points that has the vector."""
         ...
 
@@ -203,7 +205,7 @@ def fused_query(
     fused = fuse_lists(lists, fusion, limit, without_gen=without_gen)
     if not fused:
         return []
-    ids = [str(pid) for pid, _ in fused]
+    ids = [pid for pid, _ in fused]
     known = {i: dict(answers[n]) for n, i in enumerate(kept)}
     missing = []
     for i, q in enumerate(queries):
@@ -216,9 +218,14 @@ def fused_query(
         for (i, _), scores in zip(missing, exact):
             known.setdefault(i, {}).update(scores)
     payloads = engine.payloads(ids)
-    return [StoredHit(id=str(pid), score=float(score), payload=payloads[str(pid)],
-                      query_scores=[known.get(i, {}).get(str(pid)) for i in range(len(queries))])
-            for pid, score in fused if str(pid) in payloads]
+    hits = []
+    for pid, score in fused:
+        key = str(pid)
+        if key in payloads:
+            scores = [known.get(i, {}).get(pid) for i in range(len(queries))]
+            hits.append(StoredHit(id=key, score=float(score), payload=payloads[key],
+                                  query_scores=[None if s is None else float(s) for s in scores]))
+    return hits
 
 
 def merged_points(updates: Sequence[StoredPoint], records: Iterable[Any]) -> list[StoredPoint]:

@@ -287,7 +287,8 @@ class EdgeStore:
             with_payload=False, with_vector=False) for r in requests]
         with self._mutex:
             answers = self._shard.query_batch(qe.QueryBatchRequest(batch))
-        return [[(str(p.id), float(p.score)) for p in points] for points in answers]
+        # ids as the engine gives them (uuid.UUID): only the final hits are made strings
+        return [[(p.id, p.score) for p in points] for points in answers]
 
     def may_lack_gen(self) -> bool:
         """This process is the store's only writer (the lock), so whether any point lacks its gen
@@ -298,7 +299,7 @@ class EdgeStore:
 
     def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         with self._mutex:
-            records = self._shard.retrieve(list(ids), with_payload=True, with_vector=False)
+            records = self._shard.retrieve([str(i) for i in ids], with_payload=True, with_vector=False)
         return {str(r.id): dict(r.payload or {}) for r in records}
 
     def exact_scores(self, requests: Sequence[tuple[VectorQuery, Sequence[str]]]) -> list[dict[str, float]]:
@@ -309,7 +310,7 @@ class EdgeStore:
             with_payload=False, with_vector=False) for q, ids in requests]
         with self._mutex:
             answers = self._shard.query_batch(qe.QueryBatchRequest(batch))
-        return [{str(p.id): float(p.score) for p in points} for points in answers]
+        return [{p.id: p.score for p in points} for points in answers]
 
     def optimize(self) -> None:
         """Build the HNSW indexes (do it once after a large ingest, not per batch)."""
