@@ -160,7 +160,7 @@ class SearchEngine(Protocol):
 
     def nearest(self, requests: Sequence[NearestRequest], flt: FilterSpec | None) -> list[list[tuple[Any, float]]]:
         """Per request, ``(id, cosine)`` best first; one engine call for all of them. Ids may be
-        the engine's own objects (``uuid.UUID``): ``exact_scores`` takes and gives the same."""
+        the engine's own objects (``uuid.UUID``); ``exact_scores`` takes and gives the same ids."""
         ...
 
     def payloads(self, ids: Sequence[Any]) -> dict[str, dict[str, Any]]:
