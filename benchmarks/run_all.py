@@ -1,7 +1,8 @@
 """Every performance benchmark in one command: one table of ratios, each measured side by side
 within its own run, written to benchmarks/results/suite.md (and .json).
 
-    python benchmarks/run_all.py                 # encoder overheads, store (20k points), ingest, rollout server
+    python benchmarks/run_all.py                 # encoder overheads, store (20k points), ingest, store vs bare
+                                                 # engine, staged ingestion + query cache, rollout server
     python benchmarks/run_all.py --points 100000 # the store at 100k (about 17 minutes on 2 cores)
     python benchmarks/run_all.py --device cuda --preset 2b
 
@@ -59,6 +60,9 @@ def main() -> None:
     sections.append(("encoder", run("encoder_overhead.py", enc_args, out.with_name("suite_encoder.json"))))
     sections.append(("store + ingest", run("index_bench.py", ["--points", str(args.points)],
                                            out.with_name("suite_index.json"))))
+    sections.append(("store vs bare engine", run("store_overhead.py", ["--points", str(args.points), "--skip-local"],
+                                                 out.with_name("suite_store_overhead.json"))))
+    sections.append(("staged ingestion", run("staged_bench.py", [], out.with_name("suite_staged.json"))))
     sections.append(("rollout server", run("rollout_server_bench.py", [], out.with_name("suite_rollouts.json"))))
     lines = [f"Benchmarks on {machine()}, {time.strftime('%Y-%m-%d')}; store at {args.points:,} points; "
              f"encoder preset {args.preset}.", "", "| section | measure | ratio | target |", "|---|---|---|---|"]

@@ -343,8 +343,19 @@ def main() -> None:
     ef_txt = "none meets it" if ef == "none" else ("None (engine default 100)" if ef is None else str(ef))
     print(f"smallest hnsw_ef with disc and fused recall@10 >= {TARGET} at every N: {ef_txt}")
     print(f"wall {wall_s:.1f} s")
+    from ume_retriever.store.edge import EdgeStore as _Edge
+    import inspect
+
+    default_ef = inspect.signature(_Edge.__init__).parameters["hnsw_ef"].default
+    rows = []  # for run_all.py: at the store's default ef
+    for s in sizes:
+        for r in s["curve"]:
+            if r["ef"] == default_ef:
+                rows += [(f"store API fused p50 / bare engine fused p50, {s['points']:,} points, ef {default_ef}",
+                          r["api_over_bare_default_ef"], "<= 1.5"),
+                         (f"recall@10 fused, {s['points']:,} points, ef {default_ef}", r["recall10_fused"], ">= 0.99")]
     out = {"dim": args.dim, "queries": args.queries, "k": K, "prefetch": PREFETCH, "sizes": sizes,
-           "threads": threads, "local": local, "chosen_ef": ef, "wall_s": wall_s}
+           "threads": threads, "local": local, "chosen_ef": ef, "wall_s": wall_s, "rows": rows}
     print(json.dumps(out))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
