@@ -112,3 +112,29 @@ def test_filter_parsing(tmp_path):
 def test_console_script_is_installed():
     out = subprocess.run([Path(sys.executable).with_name("ume"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "index" in out.stdout and "search" in out.stdout
+
+
+def test_index_gen_later_then_backfill(capsys, files, tmp_path, tiny_ckpt, encoder):
+    """`ume index --gen later`, `ume info`, `ume backfill`: the gen vectors end equal to an
+    ingest with gen now, and the commands' counts say what the store holds."""
+    (files / "bad.pdf").unlink()
+    store = tmp_path / "store"
+    code, out, _ = run(capsys, "index", files, "--store", store, "--gen", "later", "--json", *model_args(tiny_ckpt))
+    assert code == 0 and json.loads(out)["gen_pending"] == 5
+    code, out, _ = run(capsys, "info", "--store", store, "--json")
+    assert (json.loads(out)["gen_pending"], json.loads(out)["gen_failed"]) == (5, 0)
+    code, out, _ = run(capsys, "backfill", "--store", store, "--limit", "2", "--json", "--device", "cpu",
+                       "--dtype", "float32", "--max-new-tokens", "12")
+    assert code == 0 and (json.loads(out)["filled"], json.loads(out)["pending"]) == (2, 3)
+    code, out, _ = run(capsys, "backfill", "--store", store, "--device", "cpu", "--dtype", "float32",
+                       "--max-new-tokens", "12")
+    assert code == 0 and "gen backfill" in out
+    code, out, _ = run(capsys, "info", "--store", store, "--json")
+    assert json.loads(out)["gen_pending"] == 0
+    reference = UMEIndex(encoder, tmp_path / "now")
+    reference.add([files])
+    for q in ("second page", "a note about squares"):
+        want = [h.id for h in reference.search(q, k=4)]
+        with UMEIndex(encoder, store) as index:
+            assert [h.id for h in index.search(q, k=4)] == want
+    reference.close()
