@@ -222,3 +222,15 @@ def run_in_threads(fn, threads: int) -> list:
     for w in workers:
         w.join()
     return got
+
+
+def make_pdf(path: Path, texts: list[str]) -> Path:
+    """A real PDF (pymupdf) with one small page per text."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    for text in texts:
+        page = doc.new_page(width=200, height=260)
+        page.insert_text((20, 40), text, fontsize=12)
+    doc.save(str(path))
+    return path

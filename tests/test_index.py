@@ -15,18 +15,9 @@ import pymupdf
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import write_mp4
+from helpers import make_pdf, write_mp4
 from ume_retriever import Fusion, Item, UMEIndex
 from ume_retriever.inputs.loaders import LoaderConfig
-
-
-def make_pdf(path: Path, texts: list[str]) -> Path:
-    doc = pymupdf.open()
-    for text in texts:
-        page = doc.new_page(width=200, height=260)
-        page.insert_text((20, 40), text, fontsize=12)
-    doc.save(str(path))
-    return path
 
 
 @pytest.fixture()

@@ -12,24 +12,14 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pymupdf
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import CountingEncoder, cosine, worker_env, write_mp4
+from helpers import CountingEncoder, cosine, make_pdf, worker_env, write_mp4
 from ume_retriever import Fusion, Item, UMEIndex
 from ume_retriever.fusion import fuse_reference
 from ume_retriever.store import StoredPoint, StoreSchema, VectorQuery
 from ume_retriever.store.edge import EdgeStore
-
-
-def make_pdf(path: Path, texts: list[str]) -> Path:
-    doc = pymupdf.open()
-    for text in texts:
-        page = doc.new_page(width=200, height=260)
-        page.insert_text((20, 40), text, fontsize=12)
-    doc.save(str(path))
-    return path
 
 
 @pytest.fixture()
