@@ -111,7 +111,8 @@ def backfill_gen(
     started = time.perf_counter()
     report = BackfillReport()
     statuses = [GEN_PENDING] + ([GEN_FAILED] if retry_failed else [])
-    todo = sorted(index.store.scroll({"kind": "item", GEN_STATUS: statuses}, _FIELDS), key=_order)
+    todo = sorted(index.store.scroll({"kind": "item", GEN_STATUS: statuses}, _FIELDS), key=_place)
+    todo.sort(key=lambda record: str(record[1].get("ingested_at") or ""), reverse=True)  # stable: newest first
     if limit is not None:
         todo = todo[:limit]
     batch = batch_size or index.batch_size
@@ -141,11 +142,9 @@ def backfill_gen(
     return report
 
 
-def _order(record: tuple[str, dict[str, Any]]) -> tuple[Any, ...]:
+def _place(record: tuple[str, dict[str, Any]]) -> tuple[str, tuple[str, float]]:
     _, p = record
-    # newest ingest first: ISO timestamps sort as text; negate by inverting each character
-    stamp = str(p.get("ingested_at") or "")
-    return (tuple(-ord(c) for c in stamp), str(p.get("source")), _locator_key(str(p.get("locator") or "")))
+    return str(p.get("source")), _locator_key(str(p.get("locator") or ""))
 
 
 def _locator_key(locator: str) -> tuple[str, float]:
