@@ -8,8 +8,11 @@
     ume delete docs/old.pdf
     ume info
 
-The embedded store (``./ume-index``) is the default; ``--url`` (+ ``--api-key`` or
-``QDRANT_API_KEY``) uses a Qdrant server or cluster. ``search``/``delete``/``info`` read the
+    ume serve --model zhibinlan/UME-R1-2B --api-key $KEY   # HTTP service (the serve extra)
+
+The embedded store (``./ume-index``) is the default; ``--url`` (+ ``--qdrant-api-key`` or
+``QDRANT_API_KEY``) uses a Qdrant server or cluster. ``--api-key`` (``UME_API_KEY``) is only
+ever the key of our own service. ``search``/``delete``/``info`` read the
 model an index was built with from the index itself. Errors print one line and exit 1
 (``--verbose`` shows the traceback).
 """
@@ -42,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verbose", "-v", action="store_true", help="log progress details; show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def store_args(p: argparse.ArgumentParser) -> None:
+    def store_args(p: argparse.ArgumentParser, service: bool = False) -> None:
         p.add_argument("--store", default=os.environ.get("UME_STORE", "ume-index"),
                        help="embedded store folder (default ./ume-index, or $UME_STORE)")
         p.add_argument("--url", default=os.environ.get("QDRANT_URL"), help="Qdrant server/cluster URL (or $QDRANT_URL)")
-        p.add_argument("--api-key", default=os.environ.get("QDRANT_API_KEY"), help="Qdrant API key (or $QDRANT_API_KEY)")
+        p.add_argument("--qdrant-api-key", default=os.environ.get("QDRANT_API_KEY"),
+                       help="Qdrant API key (or $QDRANT_API_KEY)")
         p.add_argument("--collection", default="ume", help="collection name (default ume)")
+        if not service:  # --api-key is the service's key (ume serve); here it would have meant Qdrant's
+            p.add_argument("--api-key", dest="misplaced_api_key", help=argparse.SUPPRESS)
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=os.environ.get("UME_MODEL"),
@@ -105,6 +111,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="collection, model, counts")
     p.add_argument("--json", action="store_true")
     store_args(p)
+
+    p = sub.add_parser("serve", help="serve embeddings and search over HTTP (Ray Serve; the serve extra)")
+    store_args(p, service=True)
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", dest="service_api_key", default=os.environ.get("UME_API_KEY"),
+                   help="the key clients send as 'Authorization: Bearer KEY' (or $UME_API_KEY); required "
+                        "off loopback unless --insecure")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without an API key")
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="a server folder POST /v1/index may read from (repeatable; none: uploads only)")
+    p.add_argument("--upload-dir", help="where uploaded files are kept (default STORE/uploads)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    p.add_argument("--replicas", type=int, default=1, help="encoder replicas (one GPU each where there are GPUs)")
+    p.add_argument("--search-replicas", type=int, default=1,
+                   help="search/index replicas (1 with the embedded store; several against a Qdrant server)")
+    p.add_argument("--ray-address", help="a running Ray cluster (default: start a local instance)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests encoded together (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    p.add_argument("--no-backfill", action="store_true", help="do not compute pending gen vectors in the service")
+    p.add_argument("--max-body-mb", type=float, default=16, help="JSON request body cap (default 16 MiB)")
+    p.add_argument("--max-upload-mb", type=float, default=512, help="upload request cap (default 512 MiB)")
+    p.add_argument("--max-image-mb", type=float, default=20, help="one image's cap (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="one image's pixel cap")
+    p.add_argument("--max-inputs", type=int, default=256, help="inputs per embeddings request (default 256)")
+    p.add_argument("--max-k", type=int, default=1000, help="largest k of a search (default 1000)")
+    p.add_argument("--body-timeout", type=float, default=30, help="seconds a client has to send its body")
+    p.add_argument("--request-timeout", type=float, default=300, help="seconds an embed or search may take")
     return ap
 
 
@@ -233,7 +268,7 @@ def _filter_value(text: str, quoted: bool, bad: Any) -> Any:
 
 
 def _store_location(args: argparse.Namespace) -> dict[str, Any]:
-    return {"url": args.url, "api_key": args.api_key, "collection": args.collection} if args.url else \
+    return {"url": args.url, "api_key": args.qdrant_api_key, "collection": args.collection} if args.url else \
         {"path": args.store, "collection": args.collection}
 
 
@@ -488,8 +523,39 @@ def cmd_info(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, console: Any) -> int:
+    try:
+        from .serve.runner import run_service
+    except ImportError as exc:
+        raise CLIError(f"ume serve needs the serve extra: pip install 'ume-r1[serve]' ({exc})") from None
+    from .serve.config import MiB, ServeConfig
+
+    schema = _recorded(args)
+    model = args.model or (schema.model if schema else DEFAULT_MODEL)
+    if Path(model).exists():
+        model = str(Path(model).absolute())  # Ray workers need not share our working directory
+    try:
+        config = ServeConfig(
+            model=model, store=None if args.url else str(Path(args.store).absolute()), url=args.url,
+            qdrant_api_key=args.qdrant_api_key, collection=args.collection, host=args.host, port=args.port,
+            api_key=args.service_api_key, insecure=args.insecure, allow_roots=args.allow_root,
+            upload_dir=args.upload_dir, served_model_name=args.served_model_name, replicas=args.replicas,
+            search_replicas=args.search_replicas, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms, backfill=not args.no_backfill, ray_address=args.ray_address,
+            max_body_bytes=int(args.max_body_mb * MiB), max_upload_bytes=int(args.max_upload_mb * MiB),
+            max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
+            max_inputs=args.max_inputs, max_k=args.max_k, body_timeout_s=args.body_timeout,
+            request_timeout_s=args.request_timeout)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    run_service(config, ready=lambda url: print(f"ume serve: ready on {url}", file=sys.stderr, flush=True))
+    print("ume serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
 COMMANDS = {"index": cmd_index, "backfill": cmd_backfill, "search": cmd_search, "delete": cmd_delete,
-            "info": cmd_info}
+            "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -499,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     console = Console(stderr=False)
     try:
+        if getattr(args, "misplaced_api_key", None) is not None:
+            raise CLIError("--api-key is the key of `ume serve` clients; Qdrant's key is --qdrant-api-key "
+                           "(or $QDRANT_API_KEY)")
         return COMMANDS[args.command](args, console)
     except KeyboardInterrupt:
         print("ume: interrupted", file=sys.stderr)

@@ -24,6 +24,9 @@ class InputError(UMEError, ValueError):
         where = f"input {self.index} " if self.index is not None else ""
         return f"{where}({self.what}): {self.reason}"
 
+    def __reduce__(self):  # pickled by its fields (results cross process boundaries: Ray, workers)
+        return (InputError, (self.what, self.reason, self.index))
+
     def at(self, index: int) -> "InputError":
         """The same error, located at position ``index`` of a batch."""
         return InputError(self.what, self.reason, index)
