@@ -18,11 +18,11 @@ LAYERS = [
     ("inputs", ("inputs",)),
     ("store", ("store",)),
     ("model", ("model",)),
-    ("index", ("index", "previews", "ingest_journal", "backfill", "query_vectors")),
+    ("index", ("index", "previews", "ingest_journal", "backfill", "query_vectors", "client")),
     # the framework adapters sit on the index and the encoder; the facade hands them out
     ("adapters", ("integrations",)),
     ("facade", ("retriever",)),
-    ("surfaces", ("cli", "evaluation")),
+    ("surfaces", ("cli", "evaluation", "serve")),
 ]
 
 

@@ -72,6 +72,17 @@ class UMERetriever:
                          vectors=vectors, default_fusion=fusion, **index_kwargs)
         return cls(index, k=k, fusion=fusion)
 
+    @classmethod
+    def from_url(cls, url: str, api_key: str | None = None, *, k: int = 10, fusion: Fusion | str = "rrf",
+                 timeout: float | None = None) -> "UMERetriever":
+        """The same retriever over a ``ume serve`` service (no model here): ``retrieve``,
+        ``add`` (paths on the server), ``delete`` and the LangChain/LlamaIndex retrievers go
+        through ``UMEClient``. ``api_key``: the service's key (default $UME_API_KEY)."""
+        from .client import DEFAULT_TIMEOUT_S, UMEClient
+
+        client = UMEClient(url, api_key, timeout=timeout or DEFAULT_TIMEOUT_S)
+        return cls(client, k=k, fusion=fusion)  # type: ignore[arg-type] - the client is index-shaped
+
     @property
     def encoder(self) -> EncoderLike:
         return self.index.encoder
@@ -98,6 +109,9 @@ class UMERetriever:
         ``poll_seconds``, so later ``add(..., gen="later")`` calls are picked up. ``close()``
         (or ``stop_backfill()``) stops it between windows; what it had finished is kept."""
         if self._backfill_thread is not None and self._backfill_thread.is_alive():
+            return
+        if getattr(self.index, "backfills_itself", False):
+            logger.info("the service computes pending gen vectors itself: no backfill thread here")
             return
         self._backfill_stop.clear()
 

@@ -13,13 +13,22 @@ _LOADED: dict[tuple, Any] = {}
 _LOADING = threading.Lock()
 
 
-def shared_encoder(model: Any, encoder_kwargs: dict[str, Any] | None = None) -> EncoderLike:
-    """An ``UMEEncoder`` for ``model`` (a hub name, a folder, or an encoder, returned as is).
+def shared_encoder(model: Any, encoder_kwargs: dict[str, Any] | None = None, *, base_url: str | None = None,
+                   api_key: str | None = None) -> EncoderLike:
+    """An ``UMEEncoder`` for ``model`` (a hub name, a folder, or an encoder, returned as is),
+    or, with ``base_url``, a ``UMEClient`` of that ``ume serve`` service (``model``: the
+    served name, None: the one it serves).
 
     Loaded checkpoints are shared within the process: frameworks build embedding objects
     freely (a LangChain chain, a LlamaIndex ``Settings`` copy) and each must not load 2B
     weights again.
     """
+    if base_url is not None:
+        from ..client import UMEClient
+
+        return UMEClient(base_url, api_key, model=None if model is None else os.fspath(model))  # type: ignore[return-value]
+    if model is None:
+        raise ValueError("give a model (hub name, checkpoint folder or UMEEncoder) or the base_url of a service")
     if not isinstance(model, (str, os.PathLike)):
         return model
     kwargs = dict(encoder_kwargs or {})

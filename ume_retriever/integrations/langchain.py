@@ -18,7 +18,7 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from ..fusion import Fusion
 from ..inputs.item import Item
@@ -35,7 +35,8 @@ class UMEEmbeddings(BaseModel, Embeddings):
     """UME-R1 embeddings for LangChain.
 
     ``model``: a hub name (``zhibinlan/UME-R1-2B``), a checkpoint folder, or a loaded
-    ``UMEEncoder``. ``mode``: "disc" (one forward pass, default) or "gen" (the model reasons,
+    ``UMEEncoder``; or ``base_url`` (+ ``api_key``): a ``ume serve`` service does the
+    embedding. ``mode``: "disc" (one forward pass, default) or "gen" (the model reasons,
     then embeds; slower). ``query_instruction``/``document_instruction``: MMEB-style task
     instructions put before the text (None: none). Vectors are lists of python floats,
     L2-normalised. Besides text: ``embed_image(s)``, ``embed_video(s)`` and ``embed_items``.
@@ -43,7 +44,10 @@ class UMEEmbeddings(BaseModel, Embeddings):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
-    model: Any = Field(description="Hub name, checkpoint folder or UMEEncoder.")
+    model: Any = Field(default=None, description="Hub name, checkpoint folder or UMEEncoder "
+                                                  "(with base_url: the served model name, None: the service's).")
+    base_url: str | None = Field(default=None, description="A `ume serve` service to embed with (no local model).")
+    api_key: SecretStr | None = Field(default=None, description="The service's key (default $UME_API_KEY).")
     mode: Literal["disc", "gen"] = "disc"
     batch_size: int | None = Field(default=None, description="Inputs per forward pass (encoder default if None).")
     query_instruction: str | None = None
@@ -53,7 +57,8 @@ class UMEEmbeddings(BaseModel, Embeddings):
     _encoder: Any = PrivateAttr(default=None)
 
     def model_post_init(self, __context: Any) -> None:
-        self._encoder = shared_encoder(self.model, self.encoder_kwargs)
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        self._encoder = shared_encoder(self.model, self.encoder_kwargs, base_url=self.base_url, api_key=key)
 
     @property
     def encoder(self) -> EncoderLike:

@@ -20,7 +20,7 @@ from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.embeddings import MultiModalEmbedding
 from llama_index.core.schema import BaseNode, ImageNode, MetadataMode, NodeWithScore, QueryBundle, TextNode
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, SecretStr
 
 from ..fusion import Fusion
 from ..inputs.item import Item
@@ -41,22 +41,27 @@ _HIDDEN_FROM_LLM = ["id", "score", "disc_score", "gen_score", "image_path", "gen
 class UMEEmbedding(MultiModalEmbedding):
     """UME-R1 embeddings for LlamaIndex: batched text and image embedding, disc or gen.
 
-    ``model``: hub name, checkpoint folder or a loaded ``UMEEncoder``. ``mode``: "disc" (one
+    ``model``: hub name, checkpoint folder or a loaded ``UMEEncoder``; or ``base_url`` (+
+    ``api_key``): a ``ume serve`` service does the embedding. ``mode``: "disc" (one
     forward pass) or "gen" (reasoning first). Used as an ingestion transformation, it embeds
     ``ImageNode``s by their image and other nodes by their text.
     """
 
-    model: Any = Field(description="Hub name, checkpoint folder or UMEEncoder.")
+    model: Any = Field(default=None, description="Hub name, checkpoint folder or UMEEncoder "
+                                                  "(with base_url: the served model name, None: the service's).")
+    base_url: str | None = Field(default=None, description="A `ume serve` service to embed with (no local model).")
+    api_key: SecretStr | None = Field(default=None, description="The service's key (default $UME_API_KEY).")
     mode: Literal["disc", "gen"] = "disc"
     query_instruction: str | None = None
     document_instruction: str | None = None
     encoder_kwargs: dict = Field(default_factory=dict, description="Passed to UMEEncoder.from_pretrained.")
     _encoder: Any = PrivateAttr(default=None)
 
-    def __init__(self, model: Any, **kwargs: Any):
-        kwargs.setdefault("model_name", str(getattr(model, "name_or_path", model)))
+    def __init__(self, model: Any = None, **kwargs: Any):
+        kwargs.setdefault("model_name", str(getattr(model, "name_or_path", model or kwargs.get("base_url"))))
         super().__init__(model=model, **kwargs)
-        self._encoder = shared_encoder(self.model, self.encoder_kwargs)
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        self._encoder = shared_encoder(self.model, self.encoder_kwargs, base_url=self.base_url, api_key=key)
 
     @classmethod
     def class_name(cls) -> str:

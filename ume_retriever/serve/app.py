@@ -71,6 +71,14 @@ def _describe(errors: Any) -> str:
     return "; ".join(parts[:5]) or "invalid request"
 
 
+def _under_roots(path: str, roots: tuple[str, ...] | Any) -> bool:
+    """Whether ``path`` (links resolved) is inside one of ``roots``."""
+    real = os.path.realpath(os.path.expanduser(path))
+    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+# Everything the class uses must be defined above it: serve.ingress captures the module's
+# names when the class is decorated.
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class UMEService:
@@ -168,18 +176,24 @@ class UMEService:
         if req.model not in self.config.served_names:
             raise APIError(404, f"model {req.model!r} is not served here; this service serves "
                                 f"{', '.join(self.config.served_names)}", "model")
-        items = embedding_items(req, self.limits, self.config.max_inputs)
+        inputs = embedding_items(req, self.limits, self.config.max_inputs)
+        bad = [x for x in inputs if isinstance(x, APIError)]
+        if bad and req.on_error == "fail":
+            raise bad[0]
+        items = [x for x in inputs if not isinstance(x, APIError)]
         reply = await self._call(self.encoder.encode.remote(EncodeCall(items, req.mode)), self.config.request_timeout_s)
         failed = [r for r in reply.results if r.error is not None]
         if failed and req.on_error == "fail":
-            shown = "; ".join(str(r.error) for r in failed[:5])
+            shown = "; ".join(f"input[{r.index}]: {r.error}" for r in failed[:5])
             raise APIError(400, f"{len(failed)} of {len(items)} inputs could not be embedded: {shown}",
                            f"input[{failed[0].index}]")
+        results = iter(reply.results)
         data = []
-        for r in reply.results:
-            entry: dict[str, Any] = {"object": "embedding", "index": r.index}
-            if r.error is not None:
-                entry.update(embedding=None, error=str(r.error))
+        for i, x in enumerate(inputs):
+            entry: dict[str, Any] = {"object": "embedding", "index": i}
+            r = x if isinstance(x, APIError) else next(results)
+            if isinstance(r, APIError) or r.error is not None:
+                entry.update(embedding=None, error=r.message if isinstance(r, APIError) else str(r.error))
             else:
                 vector = r.disc if req.mode == "disc" else r.gen
                 if req.dimensions is not None and req.dimensions != len(vector):
@@ -248,8 +262,3 @@ class UMEService:
         req = await self._parse(request, DeleteRequest)
         return await self._index_call(self.index.delete.remote(req.source), self.config.request_timeout_s)
 
-
-def _under_roots(path: str, roots: tuple[str, ...] | Any) -> bool:
-    """Whether ``path`` (links resolved) is inside one of ``roots``."""
-    real = os.path.realpath(os.path.expanduser(path))
-    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)

@@ -50,28 +50,31 @@ def run_service(config: ServeConfig, ready: Callable[[str], None] | None = None,
     from ray import serve
 
     stop = stop or threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict = {}
     started_ray = False
     try:
         if config.ray_address:
             ray.init(address=config.ray_address, logging_level=logging.WARNING)
         else:
-            # logical CPUs: one per encoder replica at least, whatever this machine has
-            ray.init(num_cpus=max(os.cpu_count() or 1, config.replicas), include_dashboard=False,
+            # a new local instance (never one another process started); logical CPUs: one per
+            # encoder replica at least, whatever this machine has
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config.replicas), include_dashboard=False,
                      logging_level=logging.WARNING)
             started_ray = True
+        # after ray.init, which installs its own SIGTERM handler (one that aborts the driver)
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         serve.start(http_options={"host": config.host, "port": config.port,
                                   "keep_alive_timeout_s": config.keep_alive_s})
         serve.run(build_application(config, gpus), name=APP_NAME, route_prefix="/")
         url = f"http://{config.host}:{config.port}"
-        logger.warning("serving %s on %s (%d encoder replica(s), %s)", config.model, url, config.replicas,
+        logger.info("serving %s on %s (%d encoder replica(s), %s)", config.model, url, config.replicas,
                        "GPU" if gpus else "CPU")
         if ready is not None:
             ready(url)
         while not stop.wait(0.5):
             pass
-        logger.warning("shutting down: waiting for requests in flight (up to %.0fs)", config.graceful_shutdown_s)
+        logger.info("shutting down: waiting for requests in flight (up to %.0fs)", config.graceful_shutdown_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -98,7 +98,7 @@ class DeleteRequest(_Body):
 
 # -- inputs -----------------------------------------------------------------------------------
 
-_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.ASCII)
+_DATA_URL = re.compile(r"data:[^,]*;base64,", re.ASCII)  # the media type is not trusted: PIL reads the bytes
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,9 @@ def decode_image(value: str, where: str, limits: ImageLimits) -> bytes:
     return data
 
 
-def embedding_items(req: EmbeddingsRequest, limits: ImageLimits, max_inputs: int) -> list[Item]:
-    """The request's inputs as ``Item``s, in order."""
+def embedding_items(req: EmbeddingsRequest, limits: ImageLimits, max_inputs: int) -> list[Item | APIError]:
+    """The request's inputs as ``Item``s, in order; an input that cannot be one (empty, an
+    undecodable or oversized image) is its ``APIError`` instead, so the others still go on."""
     raw = req.input
     if isinstance(raw, str):
         raw = [raw]
@@ -147,18 +148,21 @@ def embedding_items(req: EmbeddingsRequest, limits: ImageLimits, max_inputs: int
         raise APIError(400, "input is empty", "input")
     if len(raw) > max_inputs:
         raise APIError(413, f"{len(raw)} inputs in one request; at most {max_inputs}", "input")
-    items = []
+    items: list[Item | APIError] = []
     for i, value in enumerate(raw):
         where = f"input[{i}]"
-        if isinstance(value, str):
-            if not value.strip():
-                raise APIError(400, f"{where} is empty text", where)
-            items.append(Item(text=value, instruction=req.instruction))
-            continue
-        if value.text is None and value.image is None:
-            raise APIError(400, f"{where} has neither text nor image", where)
-        image = decode_image(value.image, f"{where}.image", limits) if value.image is not None else None
-        items.append(Item(text=value.text, image=image, instruction=value.instruction or req.instruction))
+        try:
+            if isinstance(value, str):
+                if not value.strip():
+                    raise APIError(400, f"{where} is empty text", where)
+                items.append(Item(text=value, instruction=req.instruction))
+                continue
+            if value.text is None and value.image is None:
+                raise APIError(400, f"{where} has neither text nor image", where)
+            image = decode_image(value.image, f"{where}.image", limits) if value.image is not None else None
+            items.append(Item(text=value.text, image=image, instruction=value.instruction or req.instruction))
+        except APIError as exc:
+            items.append(exc)
     return items
 
 
@@ -167,24 +171,6 @@ def query_item(req: SearchRequest, limits: ImageLimits) -> Item:
         raise APIError(400, "a search needs a query, an image, or both", "query")
     image = decode_image(req.image, "image", limits) if req.image is not None else None
     return Item(text=req.query, image=image)
-
-
-def image_data_url(image: Any) -> str:
-    """A data URL of an image given as a path, bytes or a PIL image (what clients send)."""
-    import os
-
-    if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
-            data = f.read()
-    elif isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-    elif hasattr(image, "save"):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
-    else:
-        raise TypeError(f"an image must be a path, bytes or a PIL image, got {type(image).__name__}")
-    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -196,12 +182,6 @@ def vector_json(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(v.tobytes()).decode("ascii")
     return v.tolist()
-
-
-def vector_from_json(value: list[float] | str) -> np.ndarray:
-    if isinstance(value, str):
-        return np.frombuffer(base64.b64decode(value), dtype="<f4").astype(np.float32)
-    return np.asarray(value, dtype=np.float32)
 
 
 def hit_json(hit: Any) -> dict[str, Any]:
