@@ -186,6 +186,22 @@ def test_search_equals_the_in_process_index(served, client):
     assert filtered and all(h.payload["modality"] == "pdf_page" for h in filtered)
 
 
+def test_llama_index_over_the_service(served, local_encoder):
+    from llama_index.core.schema import QueryBundle
+
+    from ume_retriever.integrations import llama_index as li
+
+    embed = li.UMEEmbedding(base_url=served["url"], api_key=KEY)
+    texts = ["a red circle", "stars"]
+    for got, want in zip(embed.get_text_embedding_batch(texts), local_encoder.encode(texts)):
+        assert cosine(got, want.disc) >= 0.9999
+    got = embed.get_image_embedding(str(served["probe"]))
+    assert cosine(got, local_encoder.encode(Item(image=Image.open(served["probe"]))).disc) >= 0.9999
+    retriever = UMERetriever.from_url(served["url"], KEY, k=5).as_llama_index()
+    nodes = retriever.retrieve(QueryBundle("", image_path=str(served["probe"])))
+    assert [n.node.id_ for n in nodes] == [i for i, _ in served["expected"][("image", "rrf")]]
+
+
 def test_errors_have_their_status_and_the_service_keeps_serving(served):
     url, auth = served["url"], {"Authorization": f"Bearer {KEY}"}
     model = served["model"]
