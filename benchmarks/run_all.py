@@ -2,7 +2,8 @@
 within its own run, written to benchmarks/results/suite.md (and .json).
 
     python benchmarks/run_all.py                 # encoder overheads, store (20k points), ingest, store vs bare
-                                                 # engine, staged ingestion + query cache, rollout server
+                                                 # engine, staged ingestion + query cache, rollout server,
+                                                 # ume serve under load
     python benchmarks/run_all.py --points 100000 # the store at 100k (about 17 minutes on 2 cores)
     python benchmarks/run_all.py --device cuda --preset 2b
 
@@ -64,6 +65,7 @@ def main() -> None:
                                                  out.with_name("suite_store_overhead.json"))))
     sections.append(("staged ingestion", run("staged_bench.py", [], out.with_name("suite_staged.json"))))
     sections.append(("rollout server", run("rollout_server_bench.py", [], out.with_name("suite_rollouts.json"))))
+    sections.append(("ume serve", run("serve_bench.py", [], out.with_name("suite_serve.json"))))
     lines = [f"Benchmarks on {machine()}, {time.strftime('%Y-%m-%d')}; store at {args.points:,} points; "
              f"encoder preset {args.preset}.", "", "| section | measure | ratio | target |", "|---|---|---|---|"]
     for section, result in sections:

@@ -96,6 +96,30 @@ def embedding_bodies(model: str, n: int, salt: str) -> list[dict]:
             for i in range(n)]
 
 
+def model_ceiling(model: str, batch: int, rounds: int = 5) -> dict:
+    """What batching can gain in the model alone: ``batch`` texts one by one vs in one call
+    (the encoder's own forward batching), in this process with one torch thread."""
+    import torch
+
+    from ume_retriever import UMEEncoder
+
+    torch.set_num_threads(1)
+    encoder = UMEEncoder.from_pretrained(model, batch_size=batch)
+    texts = [b["input"] for b in embedding_bodies(model, batch, "ceiling")]
+    encoder.encode(texts)
+    one = together = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for t in texts:
+            encoder.encode([t])
+        t1 = time.perf_counter()
+        encoder.encode(texts)
+        one, together = one + t1 - t0, together + time.perf_counter() - t1
+    del encoder
+    return {"single_ms": 1000 * one / rounds / batch, "batched_ms_per_input": 1000 * together / rounds / batch,
+            "ceiling_ratio": one / together}
+
+
 def write_images(folder: Path, n: int) -> None:
     from PIL import Image, ImageDraw
 
@@ -124,17 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         from ume_retriever.model.tiny import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(work / "tiny"))
+    results_model = model_ceiling(model, args.max_batch_size)
+    print(f"in process, no service: {results_model}", flush=True)
     corpus = work / "corpus"
     write_images(corpus / "first", 12)
     write_images(corpus / "second", args.ingest_files)
     common = ["--model", model, "--allow-root", str(corpus), "--max-new-tokens", str(args.max_new_tokens),
               "--max-inputs", "256"]
-    results: dict = {"model": model, "cpu_count": os.cpu_count(), "embeddings": {}, "unbatched": {}}
+    results: dict = {"model": model, "cpu_count": os.cpu_count(), "embeddings": {}, "unbatched": {},
+                     "in_process": results_model}
 
     # -- batched service: every concurrency level, searches, ingest + search --------------------
     svc = Service([*common, "--store", str(work / "store"), "--max-batch-size", str(args.max_batch_size)], work)
     try:
-        asyncio.run(load(svc.url, "/v1/embeddings", embedding_bodies(model, 20, "warm"), 4))
+        asyncio.run(load(svc.url, "/v1/embeddings", embedding_bodies(model, 100, "warm"), 8))
         for c in levels:
             results["embeddings"][c] = asyncio.run(load(svc.url, "/v1/embeddings",
                                                         embedding_bodies(model, args.requests, f"c{c}"), c))
@@ -170,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- the same service without batching, at the reference concurrency -----------------------
     svc = Service([*common, "--store", str(work / "store1"), "--max-batch-size", "1"], work)
     try:
-        asyncio.run(load(svc.url, "/v1/embeddings", embedding_bodies(model, 20, "warm"), 4))
+        asyncio.run(load(svc.url, "/v1/embeddings", embedding_bodies(model, 100, "warm"), 8))
         for c in (16,):
             results["unbatched"][c] = asyncio.run(load(svc.url, "/v1/embeddings",
                                                        embedding_bodies(model, args.requests, f"u{c}"), c))
@@ -193,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsearches (rrf: each query reasons), concurrency 16: {s['per_s']:.1f}/s, p50 {s['p50_ms']:.0f} ms, "
           f"p99 {s['p99_ms']:.0f} ms, errors {s['errors']}")
     print(f"batched / unbatched throughput at 16 concurrent: {ratio:.2f} (target >= 2)")
+    m = results["in_process"]
+    c1 = results["embeddings"].get(1)
+    print(f"in process, the model alone: {m['single_ms']:.1f} ms per input one at a time, "
+          f"{m['batched_ms_per_input']:.1f} ms per input {args.max_batch_size} at a time: batching can gain at most "
+          f"{m['ceiling_ratio']:.2f}x" + (f"; the service adds {1000 / c1['per_s'] - m['single_ms']:.0f} ms per "
+                                          "request at concurrency 1" if c1 else ""))
     print(f"ingest beside {iws['search']['requests']} searches: status {iws['ingest_status']}, indexed "
           f"{iws['indexed']}, failed {iws['failed']}, points {iws['points']} of {iws['expected_points']}, "
           f"search errors {iws['search']['errors']}")
