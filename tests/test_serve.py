@@ -269,6 +269,22 @@ def test_index_upload_delete_and_async_client(served, client, tmp_path):
     assert err.value.status == 404
 
 
+def test_staged_ingest_is_backfilled_by_the_service(served, client, tmp_path, local_encoder):
+    later = shape_image(tmp_path / "teal_circle.png", "teal", "circle")
+    report = client.upload([later], gen="later")
+    assert report.gen_pending == 1
+    source = report.indexed[0].source
+    deadline = time.time() + 120
+    while client.health()["gen_pending"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert client.health()["gen_pending"] == 0, "the service's backfill did not run"
+    (hit,) = client.search(None, 1, image=later, fusion="gen")
+    want = local_encoder.encode(Item(image=Image.open(later)), mode="gen")
+    assert hit.source == source and not hit.payload.get("gen_status")
+    assert hit.payload["reasoning"] == want.reasoning and hit.gen_score == pytest.approx(1.0, abs=1e-4)
+    assert client.delete(source) == 1
+
+
 class TestServedEmbeddingsStandard(EmbeddingsIntegrationTests):
     @pytest.fixture(autouse=True)
     def _service(self, served):
