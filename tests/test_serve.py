@@ -285,11 +285,15 @@ def test_staged_ingest_is_backfilled_by_the_service(served, client, tmp_path, lo
     assert client.delete(source) == 1
 
 
-class TestServedEmbeddingsStandard(EmbeddingsIntegrationTests):
+class _OnTheService:
+    """The standard suites read their parameters from properties: hand them the service's URL."""
+
     @pytest.fixture(autouse=True)
     def _service(self, served):
         type(self).url = served["url"]
 
+
+class TestServedEmbeddingsStandard(_OnTheService, EmbeddingsIntegrationTests):
     @property
     def embeddings_class(self):
         return lc.UMEEmbeddings
@@ -299,11 +303,7 @@ class TestServedEmbeddingsStandard(EmbeddingsIntegrationTests):
         return {"base_url": self.url, "api_key": KEY}
 
 
-class TestServedRetrieverStandard(RetrieversIntegrationTests):
-    @pytest.fixture(autouse=True)
-    def _service(self, served):
-        type(self).url = served["url"]
-
+class TestServedRetrieverStandard(_OnTheService, RetrieversIntegrationTests):
     @property
     def retriever_constructor(self):
         return lc.UMERetriever

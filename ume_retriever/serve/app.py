@@ -25,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..fusion import Fusion
@@ -130,8 +132,6 @@ class UMEService:
 
     async def _call(self, response: Any, timeout: float | None) -> Any:
         """Await a deployment call; unavailable or overloaded back ends answer 503, slow ones 504."""
-        from ray.serve.exceptions import BackPressureError
-
         try:
             return await asyncio.wait_for(response, timeout) if timeout else await response
         except asyncio.TimeoutError:
@@ -140,8 +140,6 @@ class UMEService:
         except BackPressureError:
             raise APIError(503, "the service is at capacity; try again shortly") from None
         except Exception as exc:  # noqa: BLE001 - an actor that died, a replica being replaced
-            from ray.exceptions import RayError
-
             if isinstance(exc, RayError):
                 logger.exception("back-end deployment failed")
                 raise APIError(503, f"a back end is unavailable ({type(exc).__name__}); try again") from None
