@@ -32,11 +32,14 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from .backfill import GEN_FROM_PAYLOAD, BackfillReport, backfill_gen
+from .backfill import BackfillReport, backfill_gen
 from .errors import InputError
 from .faults import fault_point
 from .fusion import Fusion
 from .ingest_journal import IngestJournal, journal_path
+from .ingest_points import (  # noqa: F401 - IngestEntry and the limits are part of this module's API
+    MAX_PAYLOAD_TEXT_CHARS, MAX_UPSERT_BYTES, NOT_REREADABLE, IngestEntry, PointBuilder, Status, upsert_batches,
+)
 from .inputs import decode_guard
 from .inputs.item import Item, as_item
 from .inputs.loaders import (
@@ -54,24 +57,11 @@ from .store import (
 logger = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4b7e-9a55-3f2f6c1e9b10")
-Status = Literal["indexed", "unchanged", "failed", "skipped", "removed"]
 GenWhen = Literal["now", "later"]
-# Payload text kept per point (the full text is still what the model embeds): a 10 MB text
-# file must not become a 10 MB payload (a Qdrant server refuses requests above 32 MB).
-MAX_PAYLOAD_TEXT_CHARS = 16_384
-# Points per upsert are cut so that one request stays well under a Qdrant server's 32 MB limit.
-MAX_UPSERT_BYTES = 8 * 1024 * 1024
 # An ingest that writes at least this many points builds the store's HNSW indexes at its end.
 OPTIMIZE_AFTER_POINTS = 1_000
-
-
-@dataclass
-class IngestEntry:
-    source: str
-    locator: str
-    status: Status
-    reason: str | None = None
-    id: str | None = None
+# e.g. a video whose headers promise nothing: never "indexed" as empty
+NO_ITEMS = "the file gave no items to index"
 
 
 @dataclass
@@ -204,6 +194,7 @@ class UMEIndex:
                                   revision=getattr(encoder, "revision", None))
         if url is not None and store is not None:
             raise ValueError("give a store path/object or a url, not both")
+        self._api_key = api_key  # encoder actors of a Ray ingest write to the same server with it
         if store is None or isinstance(store, (str, os.PathLike)):
             store = open_store(self.schema, store, url=url, api_key=api_key, collection=collection)
         self.store: VectorStore = store
@@ -253,6 +244,10 @@ class UMEIndex:
         retry_quarantined: bool = False,
         optimize: bool | None = None,
         gen: GenWhen = "now",
+        ray: str | None = None,
+        encoders: int = 1,
+        gpus_per_encoder: float | None = None,
+        threads_per_encoder: int | None = None,
     ) -> IngestReport:
         """Index files, folders and items; return what happened to each.
 
@@ -268,6 +263,12 @@ class UMEIndex:
         ingest died on while decoding them (otherwise reported as failed until they change).
         ``optimize``: build the store's vector indexes at the end (None: when this call wrote
         ``OPTIMIZE_AFTER_POINTS`` points or more).
+
+        ``ray``: run the ingest on Ray Data ("local", "auto" or a cluster address; see
+        ``ume_retriever.ray_ingest``), with ``encoders`` encoder actors of
+        ``gpus_per_encoder`` GPUs (None: 1 where the cluster has GPUs, else 0) and, on CPU,
+        ``threads_per_encoder`` torch threads each. Same ids, points, manifests and report as
+        in process; the encoder is loaded again in each actor from ``encoder.recipe``.
         """
         started = time.perf_counter()
         if gen not in ("now", "later"):
@@ -281,8 +282,16 @@ class UMEIndex:
         inputs = list(inputs)
         self.journal.recover()
         self._retry_quarantined = retry_quarantined
-        with decode_guard.watching(self.journal):
-            self._ingest(inputs, report, show_progress)
+        if ray is not None:
+            from .ray_ingest import RayOptions, ray_add
+
+            ray_add(self, inputs, report, RayOptions(ray, encoders, gpus_per_encoder, threads_per_encoder),
+                    show_progress)
+        else:
+            if encoders != 1 or gpus_per_encoder is not None or threads_per_encoder is not None:
+                raise ValueError("encoders, gpus_per_encoder and threads_per_encoder are options of add(ray=...)")
+            with decode_guard.watching(self.journal):
+                self._ingest(inputs, report, show_progress)
         if prune:
             self._prune(inputs, report)
         written = len(report.indexed)
@@ -408,10 +417,7 @@ class UMEIndex:
                     except InputError as exc:
                         out.put(("failure", LoadFailure(f"<input {type(value).__name__}>", exc.reason)))
                         continue
-                    source = str(item.metadata.get("source") or f"item:{item_hash(item)}")
-                    chash = item_hash(item)
-                    out.put(("item", LoadedItem(item, source, str(item.metadata.get("locator", "")),
-                                                _modality(item), chash, chash, text=item.text, in_memory=True)))
+                    out.put(("item", in_memory_item(item)))
         except _Stopped:
             return  # the consumer has gone
         except Exception as exc:  # noqa: BLE001 - never leave the consumer waiting
@@ -432,24 +438,12 @@ class UMEIndex:
             out.put(("failure", LoadFailure(printable_path(path), f"unexpected {type(exc).__name__} while loading: {exc}")))
 
     def _produce_file(self, path: Path, out: "_Feed") -> None:
+        checked = self.check_file(path)
+        if not isinstance(checked, str):
+            out.put(checked)
+            return
+        fhash = checked
         source = str(path)
-        try:
-            fhash = file_hash(path)
-        except OSError as exc:
-            out.put(("failure", LoadFailure(source, f"cannot read file ({exc.strerror or exc})")))
-            return
-        quarantined = self.journal.quarantine_reason(source, fhash)
-        if quarantined is not None:
-            if not self._retry_quarantined:
-                out.put(("failure", LoadFailure(source, f"quarantined: {quarantined}; it is not opened again "
-                                                        "until it changes, or retry it with add(..., "
-                                                        "retry_quarantined=True) / ume index --retry-quarantined")))
-                return
-            self.journal.release(source)
-        unchanged = self._unchanged_file(source, fhash)
-        if unchanged is not None:
-            out.put(("unchanged", unchanged))
-            return
         self.journal.set_file_hash(source, fhash)
         count = 0
         try:
@@ -459,10 +453,31 @@ class UMEIndex:
         except FileLoadError as exc:
             out.put(("failure", LoadFailure(source, str(exc))))
             return
-        if count == 0:  # e.g. a video whose headers promise nothing: never "indexed" as empty
-            out.put(("failure", LoadFailure(source, "the file gave no items to index")))
+        if count == 0:
+            out.put(("failure", LoadFailure(source, NO_ITEMS)))
             return
         out.put(("done", (source, fhash)))
+
+    def check_file(self, path: Path) -> str | tuple[str, Any]:
+        """Before any loading: the file's hash when it must be (re)loaded, else the message that
+        settles it: ``("failure", LoadFailure)`` (unreadable, quarantined) or ``("unchanged",
+        entries)`` (its manifest says it is indexed as it is now)."""
+        source = str(path)
+        try:
+            fhash = file_hash(path)
+        except OSError as exc:
+            return "failure", LoadFailure(source, f"cannot read file ({exc.strerror or exc})")
+        quarantined = self.journal.quarantine_reason(source, fhash)
+        if quarantined is not None:
+            if not self._retry_quarantined:
+                return "failure", LoadFailure(source, f"quarantined: {quarantined}; it is not opened again "
+                                                      "until it changes, or retry it with add(..., "
+                                                      "retry_quarantined=True) / ume index --retry-quarantined")
+            self.journal.release(source)
+        unchanged = self._unchanged_file(source, fhash)
+        if unchanged is not None:
+            return "unchanged", unchanged
+        return fhash
 
     @property
     def manifest_settings(self) -> dict[str, Any]:
@@ -506,70 +521,27 @@ class UMEIndex:
                               for l, pid in pending if pid in existing)
         if not todo:
             return
-        later = [self._gen_later and _rereadable(loaded) for loaded, _ in todo]
-        results: list[Any] = [None] * len(todo)
-        for defer, mode in ((True, DISC), (False, self.mode)):
-            at = [i for i, d in enumerate(later) if d is defer]
-            if at:
-                encoded = self.encoder.encode([todo[i][0].item for i in at], mode=mode, batch_size=self.batch_size)
-                for i, res in zip(at, encoded):
-                    results[i] = res
-        now = datetime.now(timezone.utc).isoformat()
         points = []
-        for (loaded, pid), res, deferred in zip(todo, results, later):
-            if res.error is not None:
-                report.entries.append(IngestEntry(loaded.source, loaded.locator, "failed", res.error.reason
-                                                  if isinstance(res.error, InputError) else str(res.error)))
-                failed.add(loaded.source)
+        for built in self.point_builder().build(self.encoder, todo, self.batch_size):
+            report.entries.append(built.entry)
+            if built.point is None:
+                failed.add(built.entry.source)
                 continue
-            vectors = {}
-            if res.disc is not None:
-                vectors[DISC] = res.disc
-            if res.gen is not None:
-                vectors[GEN] = res.gen
-            bad = [name for name, v in vectors.items() if not np.isfinite(v).all()]
-            if bad:  # a broken checkpoint or an fp16 overflow: never store a vector no query can find
-                report.entries.append(IngestEntry(loaded.source, loaded.locator, "failed",
-                                                  f"the model gave a non-finite (NaN/inf) {' and '.join(bad)} vector"))
-                failed.add(loaded.source)
-                continue
-            text, truncated = _payload_text(loaded.text)
-            payload = {
-                **{k: v for k, v in loaded.item.metadata.items() if k not in ("source", "locator")},
-                **loaded.fields,
-                "kind": "item", "source": loaded.source, "locator": loaded.locator, "modality": loaded.modality,
-                "text": text, **({"text_truncated": True} if truncated else {}), "reasoning": res.reasoning,
-                "gen_outcome": res.gen_outcome.value if res.gen_outcome else None,
-                "content_hash": loaded.content_hash, "file_hash": loaded.file_hash,
-                "model": self.schema.model, "revision": self.schema.revision, "vectors": list(self.vectors),
-                "ingested_at": now,
-            }
-            if deferred:
-                payload[GEN_STATUS] = GEN_PENDING
-                if loaded.in_memory:  # the backfill makes the item again from its payload
-                    payload["gen_from"] = GEN_FROM_PAYLOAD
-                    if loaded.item.instruction:
-                        payload["instruction"] = loaded.item.instruction
-                report.gen_pending += 1
-            elif self._gen_later:
-                report.gen_now.append(IngestEntry(loaded.source, loaded.locator, "indexed", _NOT_REREADABLE, id=pid))
-            points.append(StoredPoint(id=pid, vectors=vectors, payload=payload))
-            report.entries.append(IngestEntry(loaded.source, loaded.locator, "indexed", id=pid))
+            points.append(built.point)
+            report.gen_pending += built.deferred
+            if built.gen_now:
+                report.gen_now.append(IngestEntry(built.entry.source, built.entry.locator, "indexed",
+                                                  NOT_REREADABLE, id=built.entry.id))
         self._upsert(points)
         fault_point("after_item_upsert")
 
+    def point_builder(self) -> PointBuilder:
+        """How this index turns loaded items into points (for the current ``add``)."""
+        return PointBuilder(self.vectors, self.schema.model, self.schema.revision, gen_later=self._gen_later)
+
     def _upsert(self, points: list[StoredPoint]) -> None:
         """Upsert in requests of at most ``MAX_UPSERT_BYTES`` (as JSON, roughly) each."""
-        batch: list[StoredPoint] = []
-        size = 0
-        for point in points:
-            cost = _point_bytes(point)
-            if batch and size + cost > MAX_UPSERT_BYTES:
-                self.store.upsert(batch)
-                batch, size = [], 0
-            batch.append(point)
-            size += cost
-        if batch:
+        for batch in upsert_batches(points):
             self.store.upsert(batch)
 
     def _finish_sources(self, done: list[tuple[str, str, dict[str, str]]]) -> int:
@@ -707,30 +679,12 @@ def _surely_gone(path: str) -> bool:
     return False
 
 
-def _payload_text(text: str | None) -> tuple[str | None, bool]:
-    """The text kept in a payload, and whether it was cut to ``MAX_PAYLOAD_TEXT_CHARS``."""
-    if text is None or len(text) <= MAX_PAYLOAD_TEXT_CHARS:
-        return text, False
-    return text[:MAX_PAYLOAD_TEXT_CHARS], True
-
-
-def _point_bytes(point: StoredPoint) -> int:
-    """A point's size in a JSON upsert request, from above: at most ~24 bytes per float, its payload."""
-    floats = sum(len(v) for v in point.vectors.values())
-    return 24 * floats + len(json.dumps(point.payload, default=str)) + 64
-
-
-_NOT_REREADABLE = "an in-memory item with images or video, or text longer than the payload keeps, cannot be read again later"
-
-
-def _rereadable(loaded: LoadedItem) -> bool:
-    """Whether a backfill can make this item again: a file's item from the file, an in-memory
-    text-only item from its payload (text kept whole)."""
-    if not loaded.in_memory:
-        return True
-    item = loaded.item
-    return (item.video is None and not item.all_images() and item.text is not None
-            and len(item.text) <= MAX_PAYLOAD_TEXT_CHARS)
+def in_memory_item(item: Item) -> LoadedItem:
+    """An item given in memory (not a file), as the ingest carries it."""
+    chash = item_hash(item)
+    source = str(item.metadata.get("source") or f"item:{chash}")
+    return LoadedItem(item, source, str(item.metadata.get("locator", "")), _modality(item), chash, chash,
+                      text=item.text, in_memory=True)
 
 
 def _modality(item: Item) -> str:

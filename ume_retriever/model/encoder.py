@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence, overload
 
 import numpy as np
@@ -73,6 +74,19 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass(frozen=True)
+class EncoderRecipe:
+    """How an encoder was loaded (``UMEEncoder.from_pretrained``'s arguments): another process,
+    e.g. a Ray actor, loads the same encoder from it."""
+
+    name_or_path: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, **overrides: Any) -> "UMEEncoder":
+        """The encoder again; ``overrides`` (``device``, ``dtype``, ...) replace recorded arguments."""
+        return UMEEncoder.from_pretrained(self.name_or_path, **{**self.kwargs, **overrides})
+
+
 class UMEEncoder:
     """Encodes text, images, videos and mixes into UME-R1 disc and gen vectors.
 
@@ -126,6 +140,8 @@ class UMEEncoder:
         # One model call at a time: the gen read-out hooks the shared model, and a concurrent
         # forward from another thread (e.g. a search during an ingest) would feed that hook.
         self._model_lock = threading.Lock()
+        # set by from_pretrained: how to load this encoder elsewhere (None: built from objects)
+        self.recipe: EncoderRecipe | None = None
 
     @classmethod
     def from_pretrained(
@@ -156,6 +172,10 @@ class UMEEncoder:
         source = os.fspath(name_or_path)
         if os.path.isdir(source):  # indexes record the model: a local folder by its absolute path
             source = os.path.abspath(source)
+        recipe = EncoderRecipe(source, {
+            "device": None if device is None else str(device), "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+            "attn_implementation": attn_implementation, "revision": revision, "min_pixels": min_pixels,
+            "max_pixels": max_pixels, "backend": backend, "vllm_kwargs": vllm_kwargs, **encoder_kwargs})
         if backend == "vllm":
             from .vllm_backend import VLLMBackend
 
@@ -177,8 +197,10 @@ class UMEEncoder:
                 source, processor.tokenizer, token_ids,
                 repetition_penalty=getattr(gen_config, "repetition_penalty", None) or 1.0, **kwargs,
             )
-            return cls(None, processor, name_or_path=source, revision=revision, backend=vllm_backend,
-                       config=config, generation_config=gen_config, **encoder_kwargs)
+            encoder = cls(None, processor, name_or_path=source, revision=revision, backend=vllm_backend,
+                          config=config, generation_config=gen_config, **encoder_kwargs)
+            encoder.recipe = recipe
+            return encoder
         if backend != "transformers":
             raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
         device = torch.device(device) if device is not None else _default_device()
@@ -199,7 +221,9 @@ class UMEEncoder:
         processor.tokenizer.padding_side = "left"
         set_pixel_caps(processor, min_pixels, max_pixels)
         logger.info("loaded %s on %s (%s, %s)", source, device, dtype, attn_implementation)
-        return cls(model, processor, name_or_path=source, revision=revision, **encoder_kwargs)
+        encoder = cls(model, processor, name_or_path=source, revision=revision, **encoder_kwargs)
+        encoder.recipe = recipe
+        return encoder
 
     @property
     def embedding_dim(self) -> int:
