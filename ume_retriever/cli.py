@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="follow symbolic links that lead out of the given folders (skipped by default)")
     p.add_argument("--gen", default="now", choices=("now", "later"),
                    help="later: store disc vectors only (searchable at once); `ume backfill` adds the gen vectors")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="index on Ray Data: local (a Ray instance on this machine), auto (this machine's cluster) "
+                        "or a cluster address (ray://HOST:10001, HOST:6379); needs the ray extra")
+    p.add_argument("--encoders", type=int, default=1, help="with --ray: encoder actors (default 1)")
+    p.add_argument("--gpus-per-encoder", type=float,
+                   help="with --ray: GPUs per encoder actor (default: 1 where the cluster has GPUs, else 0)")
+    p.add_argument("--threads-per-encoder", type=int,
+                   help="with --ray: torch threads of a CPU encoder actor (default: the cores shared among them)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("backfill", help="compute the gen vectors of points indexed with --gen later")
@@ -323,9 +331,15 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
     vectors = tuple(v.strip() for v in args.vectors.split(",") if v.strip())
     if not vectors or not set(vectors) <= {"disc", "gen"}:
         raise CLIError(f"--vectors {args.vectors!r}: use disc, gen or disc,gen")
+    ray_options: dict[str, Any] = {}
+    if args.ray is not None:
+        ray_options = {"ray": args.ray, "encoders": args.encoders, "gpus_per_encoder": args.gpus_per_encoder,
+                       "threads_per_encoder": args.threads_per_encoder}
+    elif args.encoders != 1 or args.gpus_per_encoder is not None or args.threads_per_encoder is not None:
+        raise CLIError("--encoders, --gpus-per-encoder and --threads-per-encoder need --ray ADDRESS")
     with _open_index(args, vectors) as index:
         report = index.add(args.paths, show_progress=not args.json, prune=args.prune,
-                           retry_quarantined=args.retry_quarantined, gen=args.gen)
+                           retry_quarantined=args.retry_quarantined, gen=args.gen, **ray_options)
         total = index.count()
         pending = index.pending_gen()
     if args.json:

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -39,6 +40,7 @@ from .errors import InputError
 from .faults import fault_point
 from .ingest_points import NOT_REREADABLE, BuiltPoint, IngestEntry, PointBuilder, upsert_batches
 from .inputs.item import as_item
+from .inputs.media import load_image, load_video
 from .inputs.loaders import FileLoadError, LoadedItem, LoaderConfig, LoadFailure, Skipped, load_file, printable_path, walk
 from .model.encoder import EncoderRecipe
 from .store import StoredPoint, StoreSchema
@@ -52,9 +54,10 @@ logger = logging.getLogger(__name__)
 _FILE, _ITEM, _POINT, _UNCHANGED, _DONE, _FAILED = "file", "item", "point", "unchanged", "done", "failed"
 # Input blocks (a load task each): few files per block, so a task that dies takes few with it.
 MAX_BLOCKS = 1024
-# Memory reserved per load task: a page rendered at the pixel cap, its encoded copy and the
-# decoder's buffers, with room to spare.
-LOAD_TASK_MEMORY = 512 * 1024 * 1024
+# Tries beyond the first of a load task whose process died, and of an encoder batch whose
+# actor died (Ray restarts the actor).
+LOAD_RETRIES = 2
+ENCODE_RETRIES = 2
 LOST = "lost in the Ray pipeline: its task or encoder batch failed past Ray's retries ({})"
 
 
@@ -201,21 +204,54 @@ def _pipeline(ray: Any, index: "UMEIndex", rows: list[dict[str, Any]], recipe: E
     sink = _ServerSink(index.schema, index.store.location, index._api_key, index.store.collection,
                        index.store.writer_id) if server else None
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
-    # Load tasks are CPU tasks of their own, not fused into the encoder actors (their resources
-    # differ): a file that kills its task (a decoder crash) is retried by Ray (3 times for a
-    # task), then reported failed, while the encoders go on.
-    ds = ds.map_batches(_load_rows, batch_size=1, batch_format="numpy", num_cpus=1, memory=LOAD_TASK_MEMORY,
-                        fn_kwargs={"loader": index.loader, "vectors": index.vectors, "settings": index.settings_id})
-    return ds.map_batches(
-        _EncoderActor, batch_size=window, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.encoders),
-        num_gpus=gpus or None, num_cpus=1,
-        fn_constructor_kwargs={"recipe": recipe, "device": "cuda" if gpus else "cpu", "threads": threads,
-                               "builder": index.point_builder(), "settings": index.settings_id,
-                               "batch_size": index.batch_size, "sink": sink})
+    # Ray Data retries its tasks and actor calls without end; a file that kills its process on
+    # every try (a decoder crash) must end as that file's failure instead. The retry limits
+    # also keep the load tasks a stage of their own (not fused into the encoder actors).
+    # Ray has no named parameter for them yet: ``ray_remote_args``, whose deprecation warning
+    # is silenced here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(_load_rows, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=LOAD_RETRIES,
+                            fn_kwargs={"loader": index.loader, "vectors": index.vectors, "settings": index.settings_id,
+                                       "media": _MediaCaps.of(index.encoder)})
+        return ds.map_batches(
+            _EncoderActor, batch_size=window, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=options.encoders), num_gpus=gpus or None, num_cpus=1,
+            max_restarts=-1, max_task_retries=ENCODE_RETRIES,
+            fn_constructor_kwargs={"recipe": recipe, "device": "cuda" if gpus else "cpu", "threads": threads,
+                                   "builder": index.point_builder(), "settings": index.settings_id,
+                                   "batch_size": index.batch_size, "sink": sink})
 
 
-def _load_rows(batch: dict[str, Any], *, loader: LoaderConfig, vectors: tuple[str, ...],
-               settings: str) -> Iterator[dict[str, list]]:
+@dataclass(frozen=True)
+class _MediaCaps:
+    """How the encoder decodes media: load tasks decode images and video frames the same way,
+    so that native decoders run (and may crash) in the cheap, retried, per-file tasks."""
+
+    num_video_frames: int
+    max_decode_pixels: int
+
+    @classmethod
+    def of(cls, encoder: Any) -> "_MediaCaps":
+        preparer = encoder.preparer
+        return cls(preparer.num_video_frames, preparer.max_decode_pixels)
+
+    def decoded(self, loaded: LoadedItem) -> LoadedItem:
+        """``loaded`` with its image and video files decoded (raises ``InputError``)."""
+        item = loaded.item
+        changes: dict[str, Any] = {}
+        if isinstance(item.image, (str, os.PathLike)):
+            changes["image"] = load_image(item.image, self.max_decode_pixels)
+        if isinstance(item.video, (str, os.PathLike)):
+            changes.update(video=load_video(item.video, self.num_video_frames, item.video_start, item.video_end,
+                                            self.max_decode_pixels), video_start=None, video_end=None)
+        if not changes:
+            return loaded
+        return replace(loaded, item=replace(item, **changes))
+
+
+def _load_rows(batch: dict[str, Any], *, loader: LoaderConfig, vectors: tuple[str, ...], settings: str,
+               media: _MediaCaps) -> Iterator[dict[str, list]]:
     """Load task: one input row in, its items out one by one, then the file's ``done`` row (or
     its ``failed`` row). Items already in the store come out as ``unchanged``."""
     from .index import NO_ITEMS, point_id
@@ -233,8 +269,14 @@ def _load_rows(batch: dict[str, Any], *, loader: LoaderConfig, vectors: tuple[st
                 if pid in work.stored:
                     yield _batch_of(_UNCHANGED, source, pickle.dumps(IngestEntry(source, loaded.locator, "unchanged",
                                                                                  id=pid)))
-                else:
-                    yield _batch_of(_ITEM, source, pickle.dumps((loaded, pid), protocol=pickle.HIGHEST_PROTOCOL))
+                    continue
+                try:
+                    loaded = media.decoded(loaded)
+                except InputError as exc:  # this item fails (as the encoder would report it), the file goes on
+                    entry = IngestEntry(source, loaded.locator, "failed", exc.reason)
+                    yield _batch_of(_POINT, source, pickle.dumps(BuiltPoint(entry, pid, None)))
+                    continue
+                yield _batch_of(_ITEM, source, pickle.dumps((loaded, pid), protocol=pickle.HIGHEST_PROTOCOL))
         except FileLoadError as exc:
             yield _batch_of(_FAILED, source, pickle.dumps(str(exc)))
             continue
