@@ -18,7 +18,8 @@ LAYERS = [
     ("inputs", ("inputs",)),
     ("store", ("store",)),
     ("model", ("model",)),
-    ("index", ("index", "previews", "ingest_journal", "backfill", "query_vectors", "client")),
+    ("index", ("index", "ingest_points", "ray_ingest", "previews", "ingest_journal", "backfill", "query_vectors",
+               "client")),
     # the framework adapters sit on the index and the encoder; the facade hands them out
     ("adapters", ("integrations",)),
     ("facade", ("retriever",)),

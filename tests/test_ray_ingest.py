@@ -4,7 +4,6 @@ store compared with what the in-process ``add`` writes for the same corpus."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

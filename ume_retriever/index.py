@@ -16,8 +16,6 @@ decoded when the process died (a decoder crash) is quarantined by the ingest jou
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -38,15 +36,16 @@ from .faults import fault_point
 from .fusion import Fusion
 from .ingest_journal import IngestJournal, journal_path
 from .ingest_points import (  # noqa: F401 - IngestEntry and the limits are part of this module's API
-    MAX_PAYLOAD_TEXT_CHARS, MAX_UPSERT_BYTES, NOT_REREADABLE, IngestEntry, PointBuilder, Status, upsert_batches,
+    MAX_PAYLOAD_TEXT_CHARS, MAX_UPSERT_BYTES, NAMESPACE, NO_ITEMS, NOT_REREADABLE, IngestEntry, PointBuilder, Status,
+    encoder_settings, in_memory_item, point_id, settings_id, upsert_batches,
 )
 from .inputs import decode_guard
 from .inputs.item import Item, as_item
 from .inputs.loaders import (
-    FileLoadError, LoadedItem, LoaderConfig, LoadFailure, Skipped, file_hash, item_hash, load_file, printable_path,
+    FileLoadError, LoadedItem, LoaderConfig, LoadFailure, Skipped, file_hash, load_file, printable_path,
     walk,
 )
-from .model.checkpoint import max_image_pixels, pixel_caps
+from .model.checkpoint import max_image_pixels
 from .model.protocol import EncoderLike
 from .query_vectors import DEFAULT_QUERY_CACHE_SIZE, QueryEncoder
 from .store import (
@@ -56,12 +55,9 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-_NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4b7e-9a55-3f2f6c1e9b10")
 GenWhen = Literal["now", "later"]
 # An ingest that writes at least this many points builds the store's HNSW indexes at its end.
 OPTIMIZE_AFTER_POINTS = 1_000
-# e.g. a video whose headers promise nothing: never "indexed" as empty
-NO_ITEMS = "the file gave no items to index"
 
 
 @dataclass
@@ -142,23 +138,8 @@ class Hit:
         return self.payload.get("page")
 
 
-def point_id(source: str, locator: str, content_hash: str, vectors: Sequence[str], settings: str = "") -> str:
-    key = f"{source}|{locator}|{content_hash}|{'+'.join(vectors)}" + (f"|{settings}" if settings else "")
-    return str(uuid.uuid5(_NAMESPACE, key))
-
-
-def encoder_settings(encoder: EncoderLike) -> dict[str, Any]:
-    """What, besides the model and the content, decides an item's vectors."""
-    return {"pixel_caps": pixel_caps(encoder.processor), "max_new_tokens": encoder.max_new_tokens,
-            "num_video_frames": getattr(getattr(encoder, "preparer", None), "num_video_frames", None)}
-
-
-def settings_id(settings: dict[str, Any]) -> str:
-    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
-
-
 def manifest_id(source: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, f"{source}|manifest"))
+    return str(uuid.uuid5(NAMESPACE, f"{source}|manifest"))
 
 
 class UMEIndex:
@@ -677,22 +658,6 @@ def _surely_gone(path: str) -> bool:
     except OSError:
         return False
     return False
-
-
-def in_memory_item(item: Item) -> LoadedItem:
-    """An item given in memory (not a file), as the ingest carries it."""
-    chash = item_hash(item)
-    source = str(item.metadata.get("source") or f"item:{chash}")
-    return LoadedItem(item, source, str(item.metadata.get("locator", "")), _modality(item), chash, chash,
-                      text=item.text, in_memory=True)
-
-
-def _modality(item: Item) -> str:
-    if item.video is not None:
-        return "video"
-    if item.all_images():
-        return "image+text" if item.text else "image"
-    return "text"
 
 
 class _Stopped(Exception):

@@ -4,16 +4,19 @@ ingest path (in process, and the encoder actors of the Ray path), so both store 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from .errors import InputError
 from .inputs.item import Item
-from .inputs.loaders import LoadedItem
+from .inputs.loaders import LoadedItem, item_hash
+from .model.checkpoint import pixel_caps
 from .model.protocol import EncoderLike
 from .backfill import GEN_FROM_PAYLOAD
 from .store import DISC, GEN, GEN_PENDING, GEN_STATUS, StoredPoint
@@ -24,6 +27,9 @@ Status = Literal["indexed", "unchanged", "failed", "skipped", "removed"]
 MAX_PAYLOAD_TEXT_CHARS = 16_384
 # Points per upsert are cut so that one request stays well under a Qdrant server's 32 MB limit.
 MAX_UPSERT_BYTES = 8 * 1024 * 1024
+NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4b7e-9a55-3f2f6c1e9b10")  # of point and manifest ids
+# e.g. a video whose headers promise nothing: never "indexed" as empty
+NO_ITEMS = "the file gave no items to index"
 NOT_REREADABLE = ("an in-memory item with images or video, or text longer than the payload keeps, "
                   "cannot be read again later")
 
@@ -149,3 +155,34 @@ def rereadable(loaded: LoadedItem) -> bool:
     item: Item = loaded.item
     return (item.video is None and not item.all_images() and item.text is not None
             and len(item.text) <= MAX_PAYLOAD_TEXT_CHARS)
+
+
+def point_id(source: str, locator: str, content_hash: str, vectors: Sequence[str], settings: str = "") -> str:
+    key = f"{source}|{locator}|{content_hash}|{'+'.join(vectors)}" + (f"|{settings}" if settings else "")
+    return str(uuid.uuid5(NAMESPACE, key))
+
+
+def encoder_settings(encoder: EncoderLike) -> dict[str, Any]:
+    """What, besides the model and the content, decides an item's vectors."""
+    return {"pixel_caps": pixel_caps(encoder.processor), "max_new_tokens": encoder.max_new_tokens,
+            "num_video_frames": getattr(getattr(encoder, "preparer", None), "num_video_frames", None)}
+
+
+def settings_id(settings: dict[str, Any]) -> str:
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def in_memory_item(item: Item) -> LoadedItem:
+    """An item given in memory (not a file), as the ingest carries it."""
+    chash = item_hash(item)
+    source = str(item.metadata.get("source") or f"item:{chash}")
+    return LoadedItem(item, source, str(item.metadata.get("locator", "")), _modality(item), chash, chash,
+                      text=item.text, in_memory=True)
+
+
+def _modality(item: Item) -> str:
+    if item.video is not None:
+        return "video"
+    if item.all_images():
+        return "image+text" if item.text else "image"
+    return "text"

@@ -34,19 +34,19 @@ import pickle
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from .errors import InputError
 from .faults import fault_point
-from .ingest_points import NOT_REREADABLE, BuiltPoint, IngestEntry, PointBuilder, upsert_batches
+from .ingest_points import (
+    NO_ITEMS, NOT_REREADABLE, BuiltPoint, IngestEntry, PointBuilder, encoder_settings, in_memory_item, point_id,
+    settings_id, upsert_batches,
+)
 from .inputs.item import as_item
 from .inputs.media import load_image, load_video
 from .inputs.loaders import FileLoadError, LoadedItem, LoaderConfig, LoadFailure, Skipped, load_file, printable_path, walk
 from .model.encoder import EncoderRecipe
 from .store import StoredPoint, StoreSchema
-
-if TYPE_CHECKING:
-    from .index import IngestReport, UMEIndex
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class _FileWork:
     stored: frozenset[str]  # ids of this file's points already in the store
 
 
-def ray_add(index: "UMEIndex", inputs: list[Any], report: "IngestReport", options: RayOptions,
+def ray_add(index: Any, inputs: list[Any], report: Any, options: RayOptions,
             show_progress: bool) -> None:
     """The body of ``UMEIndex.add`` on Ray (``index.add`` does the rest: prune, optimize)."""
     recipe = recipe_of(index.encoder)
@@ -142,11 +142,9 @@ def ray_add(index: "UMEIndex", inputs: list[Any], report: "IngestReport", option
         _consume(index, ds, rows, report, show_progress)
 
 
-def _plan(index: "UMEIndex", inputs: list[Any], report: "IngestReport") -> list[dict[str, Any]]:
+def _plan(index: Any, inputs: list[Any], report: Any) -> list[dict[str, Any]]:
     """Driver side, before any loading: list the files, settle those that need no loading, and
     one pipeline row for every file to load and every in-memory item to encode."""
-    from .index import in_memory_item, point_id
-
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for value in inputs:
@@ -187,7 +185,7 @@ def _row(kind: str, source: str, details: Any) -> dict[str, Any]:
     return {"kind": kind, "source": source, "blob": pickle.dumps(details, protocol=pickle.HIGHEST_PROTOCOL)}
 
 
-def _pipeline(ray: Any, index: "UMEIndex", rows: list[dict[str, Any]], recipe: EncoderRecipe,
+def _pipeline(ray: Any, index: Any, rows: list[dict[str, Any]], recipe: EncoderRecipe,
               options: RayOptions) -> Any:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own bar
@@ -216,7 +214,10 @@ def _pipeline(ray: Any, index: "UMEIndex", rows: list[dict[str, Any]], recipe: E
                                        "media": _MediaCaps.of(index.encoder)})
         return ds.map_batches(
             _EncoderActor, batch_size=window, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=options.encoders), num_gpus=gpus or None, num_cpus=1,
+            # two batches in flight per actor: the next is there when one ends, and the first actor
+            # up does not take every batch of a small corpus while the others still load
+            compute=ray.data.ActorPoolStrategy(size=options.encoders, max_tasks_in_flight_per_actor=2),
+            num_gpus=gpus or None, num_cpus=1,
             max_restarts=-1, max_task_retries=ENCODE_RETRIES,
             fn_constructor_kwargs={"recipe": recipe, "device": "cuda" if gpus else "cpu", "threads": threads,
                                    "builder": index.point_builder(), "settings": index.settings_id,
@@ -254,8 +255,6 @@ def _load_rows(batch: dict[str, Any], *, loader: LoaderConfig, vectors: tuple[st
                media: _MediaCaps) -> Iterator[dict[str, list]]:
     """Load task: one input row in, its items out one by one, then the file's ``done`` row (or
     its ``failed`` row). Items already in the store come out as ``unchanged``."""
-    from .index import NO_ITEMS, point_id
-
     for kind, source, blob in zip(batch["kind"], batch["source"], batch["blob"]):
         if kind == _ITEM:
             yield _batch_of(_ITEM, source, blob)
@@ -319,8 +318,6 @@ class _EncoderActor:
                  batch_size: int, sink: _ServerSink | None):
         import torch
 
-        from .index import encoder_settings, settings_id
-
         if device == "cpu":
             torch.set_num_threads(threads)
         self.encoder = recipe.load(device=device)
@@ -366,7 +363,7 @@ class _Progress:
     finished: bool = False
 
 
-def _consume(index: "UMEIndex", ds: Any, rows: list[dict[str, Any]], report: "IngestReport",
+def _consume(index: Any, ds: Any, rows: list[dict[str, Any]], report: Any,
              show_progress: bool) -> None:
     """Driver: report every row, write the points (embedded store), finish complete files."""
     from tqdm.auto import tqdm
@@ -419,7 +416,7 @@ def _consume(index: "UMEIndex", ds: Any, rows: list[dict[str, Any]], report: "In
         report.entries.append(IngestEntry(src, "", "failed", reason, id=pid))
 
 
-def _account(built: BuiltPoint, report: "IngestReport", progress: _Progress | None) -> None:
+def _account(built: BuiltPoint, report: Any, progress: _Progress | None) -> None:
     report.entries.append(built.entry)
     if built.entry.status == "failed":
         if progress is not None:

@@ -90,7 +90,7 @@ class CachedEncoder:
         return getattr(self.encoder, name)
 
     def encode(self, inputs: Any, mode: str = "disc", **kwargs: Any) -> EncodeResult | list[EncodeResult]:
-        from ..index import item_hash
+        from ..inputs.loaders import item_hash
         from ..model.encoder import _SINGLE_TYPES
 
         if kwargs.get("generation_kwargs"):  # logits processors and the like: no key can name them
