@@ -18,7 +18,7 @@ LAYERS = [
     ("inputs", ("inputs",)),
     ("store", ("store",)),
     ("model", ("model",)),
-    ("index", ("index", "ingest_points", "ray_ingest", "previews", "ingest_journal", "backfill", "query_vectors",
+    ("index", ("index", "ingest_points", "ray_ingest", "ray_backfill", "previews", "ingest_journal", "backfill", "query_vectors",
                "client")),
     # the framework adapters sit on the index and the encoder; the facade hands them out
     ("adapters", ("integrations",)),

@@ -110,11 +110,7 @@ def backfill_gen(
         raise ValueError(f"limit must be >= 0, got {limit}")
     started = time.perf_counter()
     report = BackfillReport()
-    statuses = [GEN_PENDING] + ([GEN_FAILED] if retry_failed else [])
-    todo = sorted(index.store.scroll({"kind": "item", GEN_STATUS: statuses}, _FIELDS), key=_place)
-    todo.sort(key=lambda record: str(record[1].get("ingested_at") or ""), reverse=True)  # stable: newest first
-    if limit is not None:
-        todo = todo[:limit]
+    todo = pending_points(index, limit, retry_failed)
     batch = batch_size or index.batch_size
     window = batch * index.flush_batches
     index.journal.recover()
@@ -125,13 +121,13 @@ def backfill_gen(
                                                     disable=not show_progress) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="ume-backfill-load") as loader:
         # the next window is read and rendered while the model reasons over this one
-        ahead = loader.submit(_remake_window, index, windows[0]) if windows else None
+        ahead = loader.submit(remake_window, index, windows[0]) if windows else None
         for n, chunk in enumerate(windows):
             if stop is not None and stop.is_set():
                 report.stopped = True
                 break
             made = ahead.result()
-            ahead = loader.submit(_remake_window, index, windows[n + 1]) if n + 1 < len(windows) else None
+            ahead = loader.submit(remake_window, index, windows[n + 1]) if n + 1 < len(windows) else None
             _fill_window(index, made, batch, report)
             bar.update(len(chunk))
         if ahead is not None:
@@ -140,6 +136,14 @@ def backfill_gen(
     report.seconds = time.perf_counter() - started
     logger.info("backfill: %s", report.summary())
     return report
+
+
+def pending_points(index: Backfillable, limit: int | None, retry_failed: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The points a backfill fills, in its order: newest ingest first, then by source and locator."""
+    statuses = [GEN_PENDING] + ([GEN_FAILED] if retry_failed else [])
+    todo = sorted(index.store.scroll({"kind": "item", GEN_STATUS: statuses}, _FIELDS), key=_place)
+    todo.sort(key=lambda record: str(record[1].get("ingested_at") or ""), reverse=True)  # stable: newest first
+    return todo if limit is None else todo[:limit]
 
 
 def _place(record: tuple[str, dict[str, Any]]) -> tuple[str, tuple[str, float]]:
@@ -165,7 +169,7 @@ class _Window:
     sources: set[str] = field(default_factory=set)
 
 
-def _remake_window(index: Backfillable, chunk: list[tuple[str, dict[str, Any]]]) -> _Window:
+def remake_window(index: Backfillable, chunk: list[tuple[str, dict[str, Any]]]) -> _Window:
     out = _Window()
     file_hashes: dict[str, str | Exception] = {}
     for pid, payload in chunk:
@@ -189,23 +193,13 @@ def _fill_window(index: Backfillable, made: _Window, batch: int, report: Backfil
     items, sources = made.items, made.sources
     report.changed += made.changed
     report.failed += made.failed
-    updates: list[StoredPoint] = [_failure(e.id, e.reason) for e in made.failed]
+    updates: list[StoredPoint] = [failure_update(e.id, e.reason) for e in made.failed]
     results = index.encoder.encode([item for _, _, item in items], mode="gen", batch_size=batch) if items else []
-    now = datetime.now(timezone.utc).isoformat()
     for (pid, payload, _), res in zip(items, results):
-        reason = None
-        if res.error is not None:
-            reason = res.error.reason if isinstance(res.error, InputError) else str(res.error)
-        elif res.gen is None or not np.isfinite(np.asarray(res.gen)).all():
-            reason = "the model gave a non-finite (NaN/inf) gen vector"
-        if reason is not None:
-            report.failed.append(BackfillEntry(pid, str(payload.get("source")), str(payload.get("locator") or ""),
-                                               reason))
-            updates.append(_failure(pid, reason))
-            continue
-        updates.append(StoredPoint(id=pid, vectors={GEN: res.gen}, payload={
-            GEN_STATUS: None, "gen_error": None, "gen_from": None, "reasoning": res.reasoning,
-            "gen_outcome": res.gen_outcome.value if res.gen_outcome else None, "gen_filled_at": now}))
+        update, failed = gen_update(pid, payload, res)
+        updates.append(update)
+        if failed is not None:
+            report.failed.append(failed)
     with index.write_lock:
         written = index.store.fill_vectors(updates)
     report.filled += sum(1 for u in updates if u.id in written and GEN in u.vectors)
@@ -213,7 +207,25 @@ def _fill_window(index: Backfillable, made: _Window, batch: int, report: Backfil
     fault_point("after_backfill_window")
 
 
-def _failure(pid: str, reason: str) -> StoredPoint:
+def gen_update(pid: str, payload: dict[str, Any], res: Any) -> tuple[StoredPoint, BackfillEntry | None]:
+    """The write that completes a pending point from its gen encode result, and the failure
+    entry when the result is an error or a non-finite vector (the point is marked failed)."""
+    reason = None
+    if res.error is not None:
+        reason = res.error.reason if isinstance(res.error, InputError) else str(res.error)
+    elif res.gen is None or not np.isfinite(np.asarray(res.gen)).all():
+        reason = "the model gave a non-finite (NaN/inf) gen vector"
+    if reason is not None:
+        entry = BackfillEntry(pid, str(payload.get("source")), str(payload.get("locator") or ""), reason)
+        return failure_update(pid, reason), entry
+    return StoredPoint(id=pid, vectors={GEN: res.gen}, payload={
+        GEN_STATUS: None, "gen_error": None, "gen_from": None, "reasoning": res.reasoning,
+        "gen_outcome": res.gen_outcome.value if res.gen_outcome else None,
+        "gen_filled_at": datetime.now(timezone.utc).isoformat()}), None
+
+
+def failure_update(pid: str, reason: str) -> StoredPoint:
+    """The write that marks a pending point's backfill failed."""
     return StoredPoint(id=pid, vectors={}, payload={GEN_STATUS: GEN_FAILED, "gen_error": reason})
 
 

@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, help="inputs per forward pass")
         p.add_argument("--max-new-tokens", type=int, help="reasoning length cap for gen vectors")
 
+    def ray_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ray", metavar="ADDRESS",
+                       help="run on Ray Data: local (a Ray instance on this machine), auto (this machine's cluster) "
+                            "or a cluster address (ray://HOST:10001, HOST:6379); needs the ray extra")
+        p.add_argument("--encoders", type=int, default=1, help="with --ray: encoder actors (default 1)")
+        p.add_argument("--gpus-per-encoder", type=float,
+                       help="with --ray: GPUs per encoder actor (default: 1 where the cluster has GPUs, else 0)")
+        p.add_argument("--threads-per-encoder", type=int,
+                       help="with --ray: torch threads of a CPU encoder actor (default: the cores shared among them)")
+
     p = sub.add_parser("index", help="index files and folders (PDF pages, images, videos, text)")
     p.add_argument("paths", nargs="+", help="files or folders (recursively)")
     store_args(p)
@@ -79,14 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="follow symbolic links that lead out of the given folders (skipped by default)")
     p.add_argument("--gen", default="now", choices=("now", "later"),
                    help="later: store disc vectors only (searchable at once); `ume backfill` adds the gen vectors")
-    p.add_argument("--ray", metavar="ADDRESS",
-                   help="index on Ray Data: local (a Ray instance on this machine), auto (this machine's cluster) "
-                        "or a cluster address (ray://HOST:10001, HOST:6379); needs the ray extra")
-    p.add_argument("--encoders", type=int, default=1, help="with --ray: encoder actors (default 1)")
-    p.add_argument("--gpus-per-encoder", type=float,
-                   help="with --ray: GPUs per encoder actor (default: 1 where the cluster has GPUs, else 0)")
-    p.add_argument("--threads-per-encoder", type=int,
-                   help="with --ray: torch threads of a CPU encoder actor (default: the cores shared among them)")
+    ray_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("backfill", help="compute the gen vectors of points indexed with --gen later")
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--limit", type=int, help="at most this many points (newest ingest first)")
     p.add_argument("--retry-failed", action="store_true", help="also retry points whose backfill failed")
+    ray_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("search", help="search with a text and/or image query")
@@ -331,12 +335,7 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
     vectors = tuple(v.strip() for v in args.vectors.split(",") if v.strip())
     if not vectors or not set(vectors) <= {"disc", "gen"}:
         raise CLIError(f"--vectors {args.vectors!r}: use disc, gen or disc,gen")
-    ray_options: dict[str, Any] = {}
-    if args.ray is not None:
-        ray_options = {"ray": args.ray, "encoders": args.encoders, "gpus_per_encoder": args.gpus_per_encoder,
-                       "threads_per_encoder": args.threads_per_encoder}
-    elif args.encoders != 1 or args.gpus_per_encoder is not None or args.threads_per_encoder is not None:
-        raise CLIError("--encoders, --gpus-per-encoder and --threads-per-encoder need --ray ADDRESS")
+    ray_options = _ray_options(args)
     with _open_index(args, vectors) as index:
         report = index.add(args.paths, show_progress=not args.json, prune=args.prune,
                            retry_quarantined=args.retry_quarantined, gen=args.gen, **ray_options)
@@ -375,13 +374,25 @@ def cmd_index(args: argparse.Namespace, console: Any) -> int:
     return 1 if report.failed else 0
 
 
+def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--ray`` and its actor options as keyword arguments of ``add``/``backfill_gen``."""
+    if args.ray is not None:
+        return {"ray": args.ray, "encoders": args.encoders, "gpus_per_encoder": args.gpus_per_encoder,
+                "threads_per_encoder": args.threads_per_encoder}
+    if args.encoders != 1 or args.gpus_per_encoder is not None or args.threads_per_encoder is not None:
+        raise CLIError("--encoders, --gpus-per-encoder and --threads-per-encoder need --ray ADDRESS")
+    return {}
+
+
 def cmd_backfill(args: argparse.Namespace, console: Any) -> int:
     if args.limit is not None and args.limit < 0:
         raise CLIError(f"--limit must be >= 0, got {args.limit}")
+    ray_options = _ray_options(args)
     with _open_index(args, must_exist=True) as index:
         if index.vectors != ("disc", "gen"):
             raise CLIError("this index does not store gen vectors: nothing to backfill")
-        report = index.backfill_gen(args.limit, show_progress=not args.json, retry_failed=args.retry_failed)
+        report = index.backfill_gen(args.limit, show_progress=not args.json, retry_failed=args.retry_failed,
+                                    **ray_options)
         failed_total = index.failed_gen()
     if args.json:
         print(json.dumps({"filled": report.filled, "failed": [e.__dict__ for e in report.failed],

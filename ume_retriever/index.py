@@ -370,11 +370,24 @@ class UMEIndex:
 
     def backfill_gen(
         self, limit: int | None = None, show_progress: bool = False, *, retry_failed: bool = False,
-        batch_size: int | None = None, stop: threading.Event | None = None,
+        batch_size: int | None = None, stop: threading.Event | None = None, ray: str | None = None,
+        encoders: int = 1, gpus_per_encoder: float | None = None, threads_per_encoder: int | None = None,
     ) -> BackfillReport:
         """Compute pending gen vectors (newest ingest first; see ``ume_retriever.backfill``).
         Resumable, kill -9 safe, idempotent, safe while searches run. ``int(report)`` is the
-        number filled; ``stop`` (an event) ends it between windows."""
+        number filled; ``stop`` (an event) ends it between windows. ``ray`` (and the actor
+        options, as in ``add``): run it on Ray Data (``ume_retriever.ray_backfill``)."""
+        if ray is not None:
+            from .ray_backfill import ray_backfill
+            from .ray_ingest import RayOptions
+
+            if stop is not None:
+                raise ValueError("stop= is not supported with ray=: the backfill runs to its end (or its limit)")
+            return ray_backfill(self, limit=limit, show_progress=show_progress, retry_failed=retry_failed,
+                                batch_size=batch_size,
+                                options=RayOptions(ray, encoders, gpus_per_encoder, threads_per_encoder))
+        if encoders != 1 or gpus_per_encoder is not None or threads_per_encoder is not None:
+            raise ValueError("encoders, gpus_per_encoder and threads_per_encoder are options of backfill_gen(ray=...)")
         return backfill_gen(self, limit=limit, show_progress=show_progress, retry_failed=retry_failed,
                             batch_size=batch_size, stop=stop)
 
