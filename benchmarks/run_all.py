@@ -3,7 +3,7 @@ within its own run, written to benchmarks/results/suite.md (and .json).
 
     python benchmarks/run_all.py                 # encoder overheads, store (20k points), ingest, store vs bare
                                                  # engine, staged ingestion + query cache, rollout server,
-                                                 # ume serve under load
+                                                 # ume serve under load, indexing on Ray Data
     python benchmarks/run_all.py --points 100000 # the store at 100k (about 17 minutes on 2 cores)
     python benchmarks/run_all.py --device cuda --preset 2b
 
@@ -66,6 +66,7 @@ def main() -> None:
     sections.append(("staged ingestion", run("staged_bench.py", [], out.with_name("suite_staged.json"))))
     sections.append(("rollout server", run("rollout_server_bench.py", [], out.with_name("suite_rollouts.json"))))
     sections.append(("ume serve", run("serve_bench.py", [], out.with_name("suite_serve.json"))))
+    sections.append(("ray ingest", run("ray_ingest_bench.py", [], out.with_name("suite_ray_ingest.json"))))
     lines = [f"Benchmarks on {machine()}, {time.strftime('%Y-%m-%d')}; store at {args.points:,} points; "
              f"encoder preset {args.preset}.", "", "| section | measure | ratio | target |", "|---|---|---|---|"]
     for section, result in sections:
