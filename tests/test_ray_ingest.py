@@ -4,6 +4,7 @@ store compared with what the in-process ``add`` writes for the same corpus."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -43,7 +44,10 @@ def make_corpus(folder: Path, broken: bool = True) -> Path:
 def stored(index: UMEIndex) -> dict[str, dict]:
     """Every point (items and manifests): id -> payload (less ``ingested_at``) and vectors."""
     ids = [pid for pid, _ in index.store.scroll(None, [])]
-    records = index.store._shard.retrieve(ids, with_payload=True, with_vector=True)
+    if hasattr(index.store, "_shard"):  # Qdrant Edge
+        records = index.store._shard.retrieve(ids, with_payload=True, with_vector=True)
+    else:  # a Qdrant server
+        records = index.store.client.retrieve(index.store.collection, ids, with_payload=True, with_vectors=True)
     return {str(r.id): {"payload": {k: v for k, v in dict(r.payload).items() if k not in VOLATILE},
                         **{k: np.asarray(v) for k, v in (r.vector or {}).items()}} for r in records}
 
@@ -154,6 +158,22 @@ def test_gen_later_on_ray_then_backfill_on_ray_gives_the_gen_now_vectors(encoder
             np.testing.assert_allclose(got[pid][name], point[name], atol=1e-5, err_msg=f"{pid} {name}")
         assert got[pid]["payload"]["reasoning"] == point["payload"]["reasoning"]
         assert got[pid]["payload"].get("gen_status") is None
+
+
+def test_encoder_actors_write_straight_to_a_qdrant_server(encoder, corpus, reference):
+    url = os.environ.get("QDRANT_URL")
+    if not url:
+        pytest.skip("QDRANT_URL is not set: no Qdrant server here, the Ray server sink is not tested")
+    want, want_report = reference
+    collection = f"ume_ray_{os.getpid()}_{threading.get_ident()}"
+    with UMEIndex(encoder, url=url, api_key=os.environ.get("QDRANT_API_KEY"), collection=collection,
+                  flush_batches=1) as index:
+        try:
+            report = index.add([corpus, *MEMORY], ray="local", encoders=2)
+            assert entries(report) == entries(want_report)
+            assert_same_store(stored(index), want)
+        finally:
+            index.store.client.delete_collection(collection)
 
 
 def test_add_on_ray_refuses_what_it_cannot_do(encoder, tmp_path):
