@@ -246,6 +246,7 @@ def test_a_symlink_out_of_the_folder_is_skipped_unless_followed_and_special_file
 
 def test_a_huge_text_is_capped_in_the_payload_and_upserts_are_cut_by_bytes(encoder, tmp_path, monkeypatch):
     import ume_retriever.index as index_module
+    import ume_retriever.ingest_points as ingest_points
 
     big = tmp_path / "big.txt"
     big.write_text("lorem ipsum " * 20_000)  # 240,000 characters, chunking off
@@ -259,7 +260,7 @@ def test_a_huge_text_is_capped_in_the_payload_and_upserts_are_cut_by_bytes(encod
         upsert(points)
 
     idx.store.upsert = measured
-    monkeypatch.setattr(index_module, "MAX_UPSERT_BYTES", 6_000)
+    monkeypatch.setattr(ingest_points, "MAX_UPSERT_BYTES", 6_000)  # read by upsert_batches
     report = idx.add([big] + [tmp_path / f"t{i}.txt" for i in range(6) if (tmp_path / f"t{i}.txt").write_text(
         f"small text {i} " * 20)])
     assert not report.failed and len(report.indexed) == 7
