@@ -78,6 +78,16 @@ class TinyModelSpec:
     min_pixels: int = 56 * 56
     max_pixels: int = 112 * 112
 
+    @property
+    def image_side(self) -> int:
+        """The side of the square an image is resized to when both pixel caps are equal."""
+        return round(self.max_pixels ** 0.5)
+
+    @property
+    def visual_tokens_per_image(self) -> int | None:
+        """Merged visual tokens (28x28 pixels each) per square image when both caps are equal."""
+        return (self.image_side // 28) ** 2 if self.min_pixels == self.max_pixels else None
+
 
 def _train_tokenizer(vocab_size: int):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -228,19 +238,29 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec |
     return path
 
 
-def synthetic_task_spec(image_size: int = 28) -> TinyModelSpec:
-    """The tiny model ``ume_train``'s synthetic benchmark trains from scratch (~0.3M parameters).
+def synthetic_task_spec(image_size: int = 28, *, vision_depth: int = 1, vision_width: int = 64) -> TinyModelSpec:
+    """The tiny model ``ume_train``'s synthetic benchmarks train from scratch (~0.3M parameters).
+
+    ``image_size``: the side every image is resized to (a multiple of 28; one merged visual
+    token per 28x28 pixels); ``vision_depth`` / ``vision_width``: the vision tower's blocks and
+    width (heads of 32 dims).
 
     Two choices make a model this small able to learn the shape scenes, both measured
-    (benchmarks/sft_learning.py): a 28-px image is ONE merged visual token, so which quadrant
-    holds the shape is part of that token's content (across four tokens, position would have
-    to come from M-RoPE, which a 16-dim head at Qwen2-VL's rope_theta=1e6 cannot resolve:
-    Hit@1 stayed at 0.25, position at chance); and a byte-level BPE of 1,024 merges keeps the
-    fixed UME-R1 prompt short (~100 tokens).
+    (benchmarks/sft_learning.py): rope_theta=10 (at Qwen2-VL's 1e6, M-RoPE's height/width
+    sections of a 16-dim head turn by ~1e-5 rad per position, so several visual tokens could
+    not be told apart by position: Hit@1 stayed at 0.25, position at chance); and a byte-level
+    BPE of 1,024 merges keeps the fixed UME-R1 prompt short (~100 tokens).
     """
+    if image_size < 28 or image_size % 28:
+        raise ValueError(f"image_size must be a positive multiple of 28 (one visual token per 28x28), got {image_size}")
+    if vision_width < 32 or vision_width % 32:
+        raise ValueError(f"vision_width must be a positive multiple of 32 (32-dim heads), got {vision_width}")
+    if vision_depth < 1:
+        raise ValueError(f"vision_depth must be >= 1, got {vision_depth}")
     return TinyModelSpec(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        rope_theta=10.0, vision_embed_dim=64, vision_num_heads=2, bpe_vocab_size=1024,
+        rope_theta=10.0, vision_depth=vision_depth, vision_embed_dim=vision_width,
+        vision_num_heads=vision_width // 32, bpe_vocab_size=1024,
         min_pixels=image_size * image_size, max_pixels=image_size * image_size,
     )
 

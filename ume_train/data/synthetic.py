@@ -15,6 +15,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,13 @@ COLOURS = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 230),
     "yellow": (235, 200, 20), "purple": (140, 40, 170), "orange": (245, 130, 20),
 }
+# Colours of the reasoning task's second vocabulary (ume_train.data.reasoning_task); the
+# scenes here use COLOURS only.
+EXTRA_COLOURS = {
+    "pink": (240, 110, 180), "brown": (120, 70, 30), "cyan": (20, 200, 210), "black": (20, 20, 20),
+    "grey": (128, 128, 128), "lime": (150, 230, 40),
+}
+PALETTE = {**COLOURS, **EXTRA_COLOURS}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 MOTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
 MODALITIES = ("image", "video", "pdf")
@@ -112,11 +120,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         w = r * 0.38
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+    elif shape == "star":  # five points
+        pts = [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
+                cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+        draw.polygon(pts, fill=fill)
+    elif shape == "hexagon":
+        draw.polygon([(cx + r * math.cos(i * math.pi / 3), cy + r * math.sin(i * math.pi / 3)) for i in range(6)],
+                     fill=fill)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, round(r * 0.35)))
+    elif shape == "bar":  # a wide, flat rectangle
+        draw.rectangle((cx - r, cy - r * 0.3, cx + r, cy + r * 0.3), fill=fill)
+    elif shape == "arrow":  # pointing right
+        draw.polygon([(cx - r, cy - r * 0.25), (cx, cy - r * 0.25), (cx, cy - r * 0.7), (cx + r, cy),
+                      (cx, cy + r * 0.7), (cx, cy + r * 0.25), (cx - r, cy + r * 0.25)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_scene(scene: Scene, size: int, rng: random.Random, centre: tuple[float, float] | None = None) -> Image.Image:
+def draw_scene(scene: Scene, size: int, rng: random.Random, centre: tuple[float, float] | None = None,
+               radius: float | None = None) -> Image.Image:
     """The shape in its quadrant of a white ``size`` x ``size`` image, with random jitter."""
     img = Image.new("RGB", (size, size), (255, 255, 255))
     quarter = size / 4
@@ -124,8 +147,8 @@ def draw_scene(scene: Scene, size: int, rng: random.Random, centre: tuple[float,
         col = 1 if "left" in scene.where else 3
         row = 1 if "top" in scene.where else 3
         centre = (col * quarter + rng.uniform(-0.15, 0.15) * quarter, row * quarter + rng.uniform(-0.15, 0.15) * quarter)
-    radius = quarter * rng.uniform(0.7, 0.9)
-    jitter = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLOURS[scene.colour])
+    radius = quarter * rng.uniform(0.7, 0.9) if radius is None else radius
+    jitter = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in PALETTE[scene.colour])
     _draw_shape(ImageDraw.Draw(img), scene.shape, centre[0], centre[1], radius, jitter)
     return img
 

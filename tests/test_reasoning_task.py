@@ -1,0 +1,173 @@
+"""The reasoning-generalisation task and the recipe's perception options (issue 21): data splits,
+clue resolution, answer parsing, rendered positions, visual token counts, the vision tower's
+sizes, and the scripted-reasoning evaluation against a plain teacher-forced forward pass."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ume_train.data.reasoning_task import (
+    BASE, HELDOUT_WORDINGS, OTHER, SPLITS, TRAIN_WORDINGS, answer_attributes, direct_query, inference_query,
+    make_reasoning_task, split_combinations, target_reasoning,
+)
+
+
+def _pairs(scene):
+    return {("sc", scene.shape, scene.colour), ("sw", scene.shape, scene.where), ("cw", scene.colour, scene.where)}
+
+
+@pytest.mark.parametrize("vocab", [BASE, OTHER], ids=lambda v: v.name)
+def test_heldout_combinations_keep_every_pair_seen(vocab):
+    seen, heldout = split_combinations(vocab, 0.2, seed=4)
+    total = len(vocab.shapes) * len(vocab.colours) * len(vocab.positions)
+    assert len(seen) + len(heldout) == total and len(heldout) == round(total * 0.2)
+    assert not set(seen) & set(heldout)
+    seen_pairs = set().union(*(_pairs(s) for s in seen))
+    every_pair = set().union(*(_pairs(s) for s in vocab.scenes()))
+    assert seen_pairs == every_pair  # only the triple is new: composition is learnable
+
+
+def test_vocabularies_share_no_value():
+    for a, b in ((BASE.shapes, OTHER.shapes), (BASE.colours, OTHER.colours), (BASE.positions, OTHER.positions)):
+        assert not set(a) & set(b)
+
+
+@pytest.mark.parametrize("vocab", [BASE, OTHER], ids=lambda v: v.name)
+def test_inference_queries_resolve_to_the_label(vocab):
+    rng = random.Random(0)
+    clue_to_value = {c: v for table in (vocab.shapes, vocab.colours) for v, clues in table.items() for c in clues}
+    for scene in vocab.scenes():
+        text, reasoning = inference_query(vocab, scene, rng)
+        assert answer_attributes(reasoning, vocab) == {"shape": scene.shape, "colour": scene.colour,
+                                                       "where": scene.where}
+        named = [c for c in clue_to_value if c in text.lower()]
+        assert all(clue_to_value[c] in (scene.shape, scene.colour) for c in named)
+        # a riddled position names another position; the relation maps it to this one
+        for other in vocab.positions:
+            if f"opposite the {other}" in text:
+                assert vocab.opposite[other] == scene.where
+            if f"clockwise from the {other}" in text:
+                assert vocab.clockwise[other] == scene.where
+        assert text.lower() != direct_query(vocab, scene, TRAIN_WORDINGS[0])[0].lower()
+    # at least one attribute is always named through a clue
+    for scene in vocab.scenes()[:20]:
+        text, _ = inference_query(vocab, scene, rng)
+        plain = {scene.shape in text.split(), scene.colour in text.split(), vocab.place[scene.where] in text.lower()}
+        assert False in plain
+
+
+def test_answer_parsing():
+    assert answer_attributes("<think>x</think><answer> red circle top left <gen_emb>", BASE) == \
+        {"shape": "circle", "colour": "red", "where": "top left"}
+    assert answer_attributes("<answer> pink ring top <gen_emb>", OTHER) == {"shape": "ring", "colour": "pink",
+                                                                             "where": "top"}
+    # two values of one attribute, or none, name no value
+    assert answer_attributes("<answer> red blue circle <gen_emb>", BASE) == {"shape": "circle", "colour": None,
+                                                                              "where": None}
+    assert answer_attributes("no answer here", BASE) == {"shape": None, "colour": None, "where": None}
+
+
+def test_dataset_splits_and_pictures(tmp_path):
+    from ume_retriever.inputs.records import read_records
+
+    task = make_reasoning_task(tmp_path, vocabulary="other", train_per_scene=2, image_size=84, inference_share=0.5,
+                               seed=2)
+    train = read_records(task.train).records
+    evals = read_records(task.eval).records
+    heldout = {OTHER.summary(s) for s in task.heldout}
+    assert {r.extra["scene"] for r in train}.isdisjoint(heldout)
+    assert len(train) == 2 * len(task.seen)
+    # an inference query's reasoning resolves each clue in its own sentence before the summary
+    inference_share = np.mean([r.query.reasoning.count(".") > 1 for r in train])
+    assert 0.3 < inference_share < 0.7
+    counts = {s: sum(r.dataset == s for r in evals) for s in SPLITS}
+    assert counts == {"seen": len(task.seen), "unseen": len(task.heldout), "wording": len(task.seen),
+                      "inference": len(task.seen) + len(task.heldout)}
+    assert all(r.extra["scene"] in heldout for r in evals if r.dataset == "unseen")
+    templates = [w.split("{")[0] for w in TRAIN_WORDINGS]
+    for r in evals:
+        if r.dataset == "wording":  # a wording never trained on
+            assert not any(r.query.text.lower().startswith(t) and t for t in templates)
+            assert any(w.split("{")[0].lower() in r.query.text.lower() for w in HELDOUT_WORDINGS)
+        assert r.target.reasoning == target_reasoning(OTHER, next(s for s in task.seen + task.heldout
+                                                                   if OTHER.summary(s) == r.extra["scene"]))
+    # one pool picture per combination, shared by that combination's queries
+    pool = {}
+    for r in evals:
+        pool.setdefault(r.extra["scene"], set()).add(r.target.images[0])
+    assert len(pool) == len(task.seen) + len(task.heldout) and all(len(v) == 1 for v in pool.values())
+    # the shape is drawn in its position's cell, in its colour
+    from ume_train.data.synthetic import PALETTE
+
+    for r in evals[:30]:
+        pixels = np.asarray(Image.open(r.target.images[0]).convert("RGB")).astype(int)
+        assert pixels.shape == (84, 84, 3)
+        ink = np.abs(pixels - 255).sum(axis=2) > 60
+        ys, xs = np.nonzero(ink)
+        col, row = OTHER.positions[r.extra["attributes"]["where"]]
+        assert int(xs.mean() // 28) == col and int(ys.mean() // 28) == row
+        colour = pixels[ink].mean(axis=0)
+        assert np.abs(colour - PALETTE[r.extra["attributes"]["colour"]]).max() < 45
+
+
+@pytest.mark.parametrize("side,depth,width", [(28, 1, 64), (56, 2, 96)])
+def test_synthetic_task_spec_perception_budget(tmp_path, side, depth, width):
+    """The spec's image side, tower depth and width reach the checkpoint and the processor: an
+    image of any size becomes (side/28)^2 merged visual tokens."""
+    from ume_retriever.model.encoder import UMEEncoder
+    from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
+
+    spec = synthetic_task_spec(side, vision_depth=depth, vision_width=width)
+    assert spec.visual_tokens_per_image == (side // 28) ** 2
+    ckpt = build_tiny_checkpoint(tmp_path / "m", spec=spec)
+    enc = UMEEncoder.from_pretrained(str(ckpt), device="cpu")
+    vision = enc.model.config.vision_config
+    assert (vision.depth, vision.embed_dim, vision.num_heads) == (depth, width, width // 32)
+    assert len(enc.model.model.visual.blocks) == depth
+    image_pad = enc.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for size in (112, 37):
+        prepared = enc.prepare({"image": Image.new("RGB", (size, size), (200, 10, 10))})
+        assert int((prepared.input_ids == image_pad).sum()) == (side // 28) ** 2
+    with pytest.raises(ValueError, match="multiple of 28"):
+        synthetic_task_spec(40)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        synthetic_task_spec(28, vision_width=48)
+
+
+def test_scripted_gold_reasoning_equals_teacher_forced_forward(tmp_path):
+    """``scripted_gen`` forces the gold reasoning through generation; its gen vector equals the
+    last-layer state at <gen_emb> of one plain forward pass over prompt + reasoning."""
+    import torch
+
+    from ume_retriever.model.encoder import UMEEncoder
+    from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
+    from ume_train.reasoning_eval import scripted_gen
+
+    enc = UMEEncoder.from_pretrained(str(build_tiny_checkpoint(tmp_path / "m", spec=synthetic_task_spec(56))),
+                                     device="cpu")
+    scene = BASE.scenes()[7]
+    items = [{"image": Image.new("RGB", (112, 112), (0, 90, 200))}, {"text": "a red circle in the top left"}]
+    golds = [target_reasoning(BASE, scene), direct_query(BASE, scene, TRAIN_WORDINGS[1])[1]]
+    results = scripted_gen(enc, items, golds)
+    tok = enc.processor.tokenizer
+    gen_id = tok.convert_tokens_to_ids("<gen_emb>")
+    for item, gold, res in zip(items, golds, results):
+        assert res.reasoning.replace(" ", "") == gold.replace(" ", "")
+        prepared = enc.prepare(item)
+        ids = torch.tensor(tok(gold, add_special_tokens=False).input_ids)
+        full = prepared.extended(ids)
+        with torch.no_grad():  # one forward over prompt + gold: the state at its last token, <gen_emb>
+            state = enc.backend.last_layer_at_end([full], stop_after_disc=False)[0]
+        expected = torch.nn.functional.normalize(state.float(), dim=-1).numpy()
+        assert int(ids[-1]) == gen_id
+        np.testing.assert_allclose(res.gen, expected, atol=1e-4)
+
+
+def test_combinations_are_exhaustive():
+    assert len(list(itertools.product(BASE.shapes, BASE.colours, BASE.positions))) == len(BASE.scenes()) == 120
+    assert len(OTHER.scenes()) == 150

@@ -1,0 +1,331 @@
+"""A shape-scene retrieval task that tests whether reasoning generalises, with held-out splits.
+
+Each picture shows one shape of one colour at one position. The three attributes vary
+independently; a share of the combinations is held out of training such that every value and
+every PAIR of values of two attributes is still seen in training (only the triple is new), so
+composing attributes is learnable and memorising combinations is not enough. Queries either
+name the attributes (in a training wording or in a wording never trained on) or name them only
+through a step of inference ("the shape with three corners", "the corner opposite the top
+left"); the query reasoning spells the inference out and both sides answer with the same
+canonical summary ("green triangle bottom right"), which the gen vector follows.
+
+Evaluation queries, one per combination and kind, against a pool of one fresh picture per
+combination (``dataset`` names the split):
+
+- ``seen`` / ``unseen``: direct queries in a training wording, on seen / held-out combinations;
+- ``wording``: direct queries in a wording never trained on (seen combinations);
+- ``inference``: inference queries (all combinations; ``extra["seen"]`` says which).
+
+Two vocabularies share no value: ``base`` (the shapes, colours and quadrants of
+``ume_train.data.synthetic``) and ``other`` (other shapes, colours and five positions).
+
+    python -m ume_train.data.reasoning_task ./task --vocabulary other
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .synthetic import Scene, draw_scene
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("seen", "unseen", "wording", "inference")
+ATTRIBUTES = ("shape", "colour", "where")
+INSTRUCTION = "Find the matching image: "
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Attribute values with the clues that name each one through a step of inference.
+
+    ``positions`` maps a position to its place on a 3x3 grid (column, row in 0..2);
+    ``opposite`` / ``clockwise`` give the position the inference clues start from.
+    """
+
+    name: str
+    shapes: dict[str, tuple[str, ...]]
+    colours: dict[str, tuple[str, ...]]
+    positions: dict[str, tuple[int, int]]
+    place: dict[str, str]  # position -> how a sentence says it ("in the top left", "on the left")
+    opposite: dict[str, str]
+    clockwise: dict[str, str]  # position -> the position one step clockwise from it
+    area: str  # what a position is called in a clue: "corner", "side"
+
+    def scenes(self) -> list[Scene]:
+        return [Scene(s, c, w) for s, c, w in itertools.product(self.shapes, self.colours, self.positions)]
+
+    def summary(self, scene: Scene) -> str:
+        return f"{scene.colour} {scene.shape} {scene.where}"
+
+
+BASE = Vocabulary(
+    name="base",
+    shapes={"circle": ("the shape of a coin", "the round shape"),
+            "square": ("the shape with four equal sides and four right angles", "the shape of a chessboard"),
+            "triangle": ("the shape with three corners", "the shape of a slice of pizza"),
+            "diamond": ("the shape of a kite", "a square standing on one corner"),
+            "cross": ("the shape of a plus sign", "the shape on a first aid kit")},
+    colours={"red": ("the colour of a ripe tomato", "the colour of a fire engine"),
+             "green": ("the colour of fresh grass", "the colour of a frog"),
+             "blue": ("the colour of a clear sky", "the colour of the deep sea"),
+             "yellow": ("the colour of a ripe banana", "the colour of a lemon"),
+             "purple": ("the colour of a plum", "the colour of lavender"),
+             "orange": ("the colour of a pumpkin", "the colour of a carrot")},
+    positions={"top left": (0, 0), "top right": (2, 0), "bottom left": (0, 2), "bottom right": (2, 2)},
+    place={p: f"in the {p}" for p in ("top left", "top right", "bottom left", "bottom right")},
+    opposite={"top left": "bottom right", "bottom right": "top left", "top right": "bottom left",
+              "bottom left": "top right"},
+    clockwise={"top left": "top right", "top right": "bottom right", "bottom right": "bottom left",
+               "bottom left": "top left"},
+    area="corner",
+)
+
+OTHER = Vocabulary(
+    name="other",
+    shapes={"star": ("the shape on a sheriff's badge", "the shape with five points"),
+            "hexagon": ("the shape of a honeycomb cell", "the shape with six sides"),
+            "ring": ("the shape of a doughnut", "a circle with a hole in it"),
+            "bar": ("a long flat rectangle", "the shape of a plank"),
+            "arrow": ("the shape that points the way", "the shape on a one way sign")},
+    colours={"pink": ("the colour of a flamingo", "the colour of candy floss"),
+             "brown": ("the colour of chocolate", "the colour of tree bark"),
+             "cyan": ("the colour of a tropical lagoon", "a blue with a lot of green in it"),
+             "black": ("the colour of coal", "the colour of the night sky"),
+             "grey": ("the colour of a rain cloud", "the colour of an elephant"),
+             "lime": ("the colour of a tennis ball", "a very bright yellowish green")},
+    positions={"top": (1, 0), "bottom": (1, 2), "left": (0, 1), "right": (2, 1), "centre": (1, 1)},
+    place={"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
+           "centre": "in the centre"},
+    opposite={"top": "bottom", "bottom": "top", "left": "right", "right": "left"},
+    clockwise={"top": "right", "right": "bottom", "bottom": "left", "left": "top"},
+    area="side",
+)
+
+VOCABULARIES = {v.name: v for v in (BASE, OTHER)}
+
+# Direct wordings trained on, and wordings only the ``wording`` split uses.
+TRAIN_WORDINGS = ("a {colour} {shape} {place}", "{place} there is a {colour} {shape}",
+                  "find a {colour} {shape} {place}")
+HELDOUT_WORDINGS = ("show me the picture whose {shape} is {colour}, {place}",
+                    "{colour}; {shape}; {place}",
+                    "I am looking for one {shape} coloured {colour} that sits {place}")
+INFERENCE_WORDINGS = ("find {shape}, {colour}, {place}", "{place}: {shape}, {colour}")
+
+
+def where_clue(vocab: Vocabulary, where: str, rng: random.Random) -> tuple[str, str] | None:
+    """A phrase naming ``where`` through another position, and the reasoning step that resolves
+    it; None for a position no relation reaches (the centre)."""
+    options = []
+    for other, this in vocab.opposite.items():
+        if this == where:
+            options.append((f"the {vocab.area} opposite the {other}",
+                            f"The {vocab.area} opposite the {other} is the {where}."))
+    for other, this in vocab.clockwise.items():
+        if this == where:
+            options.append((f"one {vocab.area} clockwise from the {other}",
+                            f"One {vocab.area} clockwise from the {other} is the {where}."))
+    return rng.choice(options) if options else None
+
+
+def direct_query(vocab: Vocabulary, scene: Scene, wording: str) -> tuple[str, str]:
+    """Query text and its reasoning for a query that names every attribute."""
+    text = wording.format(colour=scene.colour, shape=scene.shape, place=vocab.place[scene.where])
+    return text[0].upper() + text[1:], _reasoning(vocab, scene, [])
+
+
+def inference_query(vocab: Vocabulary, scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """Query text naming at least one attribute only through a clue, and reasoning that resolves
+    each clue before the canonical answer."""
+    where = where_clue(vocab, scene.where, rng)
+    riddled = [a for a in ATTRIBUTES if rng.random() < 0.6 and (a != "where" or where)]
+    if not riddled:
+        riddled = [rng.choice([a for a in ATTRIBUTES if a != "where" or where])]
+    steps, parts = [], {}
+    if "shape" in riddled:
+        clue = rng.choice(vocab.shapes[scene.shape])
+        parts["shape"] = clue
+        steps.append(f"{clue[0].upper() + clue[1:]} is a {scene.shape}.")
+    else:
+        parts["shape"] = f"a {scene.shape}"
+    if "colour" in riddled:
+        clue = rng.choice(vocab.colours[scene.colour])
+        parts["colour"] = f"painted {clue}"
+        steps.append(f"{clue[0].upper() + clue[1:]} is {scene.colour}.")
+    else:
+        parts["colour"] = f"coloured {scene.colour}"
+    if "where" in riddled:
+        phrase, step = where
+        parts["place"] = f"in {phrase}"
+        steps.append(step)
+    else:
+        parts["place"] = vocab.place[scene.where]
+    text = rng.choice(INFERENCE_WORDINGS).format(**parts)
+    return text[0].upper() + text[1:], _reasoning(vocab, scene, steps)
+
+
+def _reasoning(vocab: Vocabulary, scene: Scene, steps: list[str]) -> str:
+    said = " ".join(steps + [f"The query asks for an image of a {scene.colour} {scene.shape} {vocab.place[scene.where]}."])
+    return f"<think>{said}</think><answer> {vocab.summary(scene)} <gen_emb>"
+
+
+def target_reasoning(vocab: Vocabulary, scene: Scene) -> str:
+    return (f"<think>The image shows a {scene.colour} {scene.shape} {vocab.place[scene.where]}.</think>"
+            f"<answer> {vocab.summary(scene)} <gen_emb>")
+
+
+def split_combinations(vocab: Vocabulary, heldout_fraction: float, seed: int) -> tuple[list[Scene], list[Scene]]:
+    """Seen and held-out combinations: every pair of values of two attributes stays seen."""
+    scenes = vocab.scenes()
+    order = scenes[:]
+    random.Random(seed).shuffle(order)
+    want = round(len(scenes) * heldout_fraction)
+    pairs = lambda s: {("shape", s.shape, "colour", s.colour), ("shape", s.shape, "where", s.where),  # noqa: E731
+                       ("colour", s.colour, "where", s.where)}
+    needed: dict[tuple, int] = {}
+    for s in scenes:
+        for p in pairs(s):
+            needed[p] = needed.get(p, 0) + 1
+    heldout: list[Scene] = []
+    for scene in order:
+        if len(heldout) == want:
+            break
+        if all(needed[p] > 1 for p in pairs(scene)):  # each of its pairs is in another seen combination
+            heldout.append(scene)
+            for p in pairs(scene):
+                needed[p] -= 1
+    held = set(heldout)
+    return [s for s in scenes if s not in held], heldout
+
+
+def render(vocab: Vocabulary, scene: Scene, size: int, rng: random.Random) -> Image.Image:
+    """The scene's picture: the shape around its grid cell's centre, jittered."""
+    if vocab.name == "base":  # quadrants: the shape in the middle of its quarter, as in ume_train.data.synthetic
+        return draw_scene(scene, size, rng)
+    col, row = vocab.positions[scene.where]
+    cell = size / 3
+    centre = ((col + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell, (row + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell)
+    return draw_scene(scene, size, rng, centre=centre, radius=cell * rng.uniform(0.35, 0.45))
+
+
+@dataclass
+class ReasoningTask:
+    root: Path
+    train: Path  # train.jsonl: seen combinations only
+    eval: Path  # eval.jsonl: every split, pool pictures shared between queries of the same scene
+    vocabulary: Vocabulary
+    seen: list[Scene]
+    heldout: list[Scene]
+
+
+def make_reasoning_task(
+    root: str | Path,
+    *,
+    vocabulary: str | Vocabulary = "base",
+    image_size: int = 112,
+    train_per_scene: int = 16,
+    inference_share: float = 0.5,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+) -> ReasoningTask:
+    """Write pictures, ``train.jsonl`` and ``eval.jsonl`` (our record format) under ``root``.
+
+    Training queries are inference queries with probability ``inference_share``, else direct
+    queries in a training wording. Every record carries ``scene`` (its combination),
+    ``attributes`` and ``seen``; eval records' ``dataset`` is their split.
+    """
+    vocab = VOCABULARIES[vocabulary] if isinstance(vocabulary, str) else vocabulary
+    if not 0 <= inference_share <= 1:
+        raise ValueError(f"inference_share must be in [0, 1], got {inference_share}")
+    root = Path(root)
+    media = root / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    seen, heldout = split_combinations(vocab, heldout_fraction, seed)
+    seen_set = set(seen)
+
+    def picture(scene: Scene, stem: str) -> str:
+        path = media / f"{stem}.png"
+        render(vocab, scene, image_size, rng).save(path)
+        return str(path.relative_to(root))
+
+    def record(scene: Scene, image: str, text: str, reasoning: str, dataset: str) -> dict[str, Any]:
+        return {"query": {"text": text, "instruction": INSTRUCTION, "reasoning": reasoning},
+                "target": {"image": image, "reasoning": target_reasoning(vocab, scene)},
+                "dataset": dataset, "scene": vocab.summary(scene), "seen": scene in seen_set,
+                "attributes": {"shape": scene.shape, "colour": scene.colour, "where": scene.where}}
+
+    train = []
+    for scene in seen:
+        for i in range(train_per_scene):
+            image = picture(scene, f"train-{vocab.summary(scene).replace(' ', '_')}-{i}")
+            if rng.random() < inference_share:
+                text, reasoning = inference_query(vocab, scene, rng)
+            else:
+                text, reasoning = direct_query(vocab, scene, rng.choice(TRAIN_WORDINGS))
+            train.append(record(scene, image, text, reasoning, "train"))
+    evals = []
+    for scene in seen + heldout:
+        image = picture(scene, f"pool-{vocab.summary(scene).replace(' ', '_')}")
+        split = "seen" if scene in seen_set else "unseen"
+        evals.append(record(scene, image, *direct_query(vocab, scene, rng.choice(TRAIN_WORDINGS)), split))
+        if scene in seen_set:
+            evals.append(record(scene, image, *direct_query(vocab, scene, rng.choice(HELDOUT_WORDINGS)), "wording"))
+        evals.append(record(scene, image, *inference_query(vocab, scene, rng), "inference"))
+    rng.shuffle(train)
+    paths = {}
+    for name, rows in (("train", train), ("eval", evals)):
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logger.info("reasoning task (%s) in %s: %d train pairs over %d combinations, %d eval queries (%d held-out "
+                "combinations)", vocab.name, root, len(train), len(seen), len(evals), len(heldout))
+    return ReasoningTask(root, paths["train"], paths["eval"], vocab, seen, heldout)
+
+
+_ANSWER = re.compile(r"<answer>(.*?)(?:<gen_emb>|</answer>|$)", re.S)
+
+
+def answer_attributes(reasoning: str, vocab: Vocabulary) -> dict[str, str | None]:
+    """The attribute values a generated answer names (None where it names none or several)."""
+    found = _ANSWER.search(reasoning or "")
+    words = f" {found.group(1).strip()} " if found else ""
+    out: dict[str, str | None] = {}
+    for attr, values in (("shape", vocab.shapes), ("colour", vocab.colours), ("where", vocab.positions)):
+        # Longest first, each match blanked, so "top" is not also found inside "top left".
+        hits, rest = [], words
+        for value in sorted(values, key=len, reverse=True):
+            if f" {value} " in rest:
+                hits.append(value)
+                rest = rest.replace(f" {value} ", "  ")
+        out[attr] = hits[0] if len(hits) == 1 else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write the reasoning-generalisation shape task (offline).")
+    ap.add_argument("root")
+    ap.add_argument("--vocabulary", choices=sorted(VOCABULARIES), default="base")
+    ap.add_argument("--image-size", type=int, default=112, help="rendered size; the model's pixel caps resize it")
+    ap.add_argument("--train-per-scene", type=int, default=16)
+    ap.add_argument("--inference-share", type=float, default=0.5)
+    ap.add_argument("--heldout-fraction", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    make_reasoning_task(args.root, vocabulary=args.vocabulary, image_size=args.image_size,
+                        train_per_scene=args.train_per_scene, inference_share=args.inference_share,
+                        heldout_fraction=args.heldout_fraction, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
