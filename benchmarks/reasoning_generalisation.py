@@ -94,6 +94,10 @@ def main() -> None:
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
     for name in ("gen-nce", "disc-nce", "query-ce", "target-ce"):
         ap.add_argument(f"--{name}-weight", type=float, default=1.0)
+    ap.add_argument("--grpo-minutes", type=float, default=0.0, help="GRPO after SFT for this many minutes (0: none)")
+    ap.add_argument("--grpo-lr", type=float, default=1e-4)
+    ap.add_argument("--grpo-batch", type=int, default=8, help="pairs per GRPO step")
+    ap.add_argument("--grpo-generations", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="benchmarks/results/reasoning_generalisation")
@@ -134,28 +138,54 @@ def main() -> None:
         trainer.train()
         timer.curve.pop()  # the last evaluation again, with the gold reasoning scripted in
         final = timer.evaluate(trainer.state.global_step, gold=True)
+        curve, eval_s, steps = timer.curve, timer.eval_s, {"sft": trainer.state.global_step}
+        if args.grpo_minutes > 0:
+            trainer.save_model(str(tmp / "sft"))
+            trainer, timer = grpo_stage(args, tmp, train, evals, task.vocabulary, offset_s=timer.train_s)
+            timer.curve.pop()
+            final = timer.evaluate(trainer.state.global_step, gold=True)
+            curve, eval_s, steps["grpo"] = curve + timer.curve, eval_s + timer.eval_s, trainer.state.global_step
         if args.keep:
             trainer.save_model(args.keep)
     calibration = adaptive_curve(final["per_query"])
     result = {
         "setup": {**vars(args), "spec": asdict(spec), "visual_tokens_per_image": spec.visual_tokens_per_image,
-                  "steps": trainer.state.global_step, "train_pairs": len(train), "eval_queries": len(evals),
+                  "steps": steps, "train_pairs": len(train), "eval_queries": len(evals),
                   "pool": len({r.extra["scene"] for r in evals}), "heldout_combinations": len(task.heldout),
                   "threads": torch.get_num_threads(), "setup_s": round(setup_s, 1), "eval_s": round(timer.eval_s, 1)},
-        "curve": timer.curve,
+        "curve": curve,
         "adaptive": calibration,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(timer.curve, calibration, out.with_suffix(".png"), title=f"{args.vocabulary} vocabulary, "
+    plot(curve, calibration, out.with_suffix(".png"), title=f"{args.vocabulary} vocabulary, "
          f"{spec.visual_tokens_per_image} visual token(s), vision {spec.vision_depth}x{spec.vision_embed_dim}")
-    print_table(timer.curve[-1], result["setup"], calibration)
+    print_table(curve[-1], result["setup"], calibration)
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
+def grpo_stage(args, tmp: Path, train, evals, vocab, offset_s: float):
+    """GRPO from the SFT checkpoint in ``tmp/sft`` for ``args.grpo_minutes``, with the split curve."""
+    from ume_train import GRPOConfig, GRPOTrainer
+
+    config = GRPOConfig(
+        output_dir=str(tmp / "grpo"), model_name_or_path=str(tmp / "sft"), use_cpu=True,
+        per_device_train_batch_size=args.grpo_batch, num_generations=args.grpo_generations,
+        max_completion_length=96, learning_rate=args.grpo_lr, lr_scheduler_type="constant", max_steps=10**6,
+        logging_steps=10, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
+    )
+    trainer_ref: list = []
+    timer = SplitCurve(trainer_ref, evals, vocab, args.eval_every * 60, args.grpo_minutes * 60, args.grpo_lr,
+                       offset_s=offset_s, stage="grpo")
+    trainer = GRPOTrainer(args=config, train_dataset=train, callbacks=[timer])
+    trainer_ref.append(trainer)
+    trainer.train()
+    return trainer, timer
+
+
 def print_table(row: dict, setup: dict, calibration: dict) -> None:
-    print(f"\n{setup['vocabulary']} vocabulary, {setup['steps']} steps, {setup['minutes']} min, pool {setup['pool']} "
+    print(f"\n{setup['vocabulary']} vocabulary, steps {setup['steps']}, {setup['minutes']} min, pool {setup['pool']} "
           f"(chance {1 / setup['pool']:.3f}), {setup['visual_tokens_per_image']} visual token(s) per image")
     print(f"{'split':<17} {'n':>4} " + " ".join(f"{m:>6}" for m in (*METHODS, "g-gold", "g-gimg"))
           + f" {'q-ans':>6}")

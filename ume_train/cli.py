@@ -4,6 +4,7 @@
     ume-train grpo --config examples/train/grpo_tiny_cpu.yaml [--dry-run]
     torchrun --nproc_per_node 8 -m ume_train.cli sft --config examples/train/sft_2b_zero3.yaml
     ume-train synthetic ./shapes --modalities image,video,pdf
+    ume-train reasoning-task ./task --vocabulary other      # held-out combinations, wordings, inference queries
     UME_ROLLOUT_API_KEY=... ume-train rollout-server --model ./sft-ckpt --engine vllm --host 10.0.0.5   # rollouts for GRPO
 
 Keys on the command line override the file's. ``--dry-run`` parses and validates the config,
@@ -238,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--image-size", type=int, default=28)
     syn.add_argument("--train-per-scene", type=int, default=8)
     syn.add_argument("--seed", type=int, default=0)
+    task = sub.add_parser("reasoning-task", help="write the reasoning-generalisation shape task (held-out splits)")
+    task.add_argument("root")
+    task.add_argument("--vocabulary", choices=("base", "other"), default="base")
+    task.add_argument("--image-size", type=int, default=112, help="rendered size (the model's pixel caps resize it)")
+    task.add_argument("--train-per-scene", type=int, default=16)
+    task.add_argument("--inference-share", type=float, default=0.5, help="share of training queries that riddle")
+    task.add_argument("--heldout-fraction", type=float, default=0.2, help="share of combinations never trained on")
+    task.add_argument("--seed", type=int, default=0)
     ns, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -249,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
             data = make_dataset(ns.root, modalities=tuple(ns.modalities.split(",")), image_size=ns.image_size,
                                 train_per_scene=ns.train_per_scene, seed=ns.seed)
             print(f"train: {data.train}\neval:  {data.eval}")
+            return 0
+        if ns.command == "reasoning-task":
+            from .data.reasoning_task import make_reasoning_task
+
+            if rest:
+                parser.error(f"unknown arguments: {' '.join(rest)}")
+            made = make_reasoning_task(ns.root, vocabulary=ns.vocabulary, image_size=ns.image_size,
+                                       train_per_scene=ns.train_per_scene, inference_share=ns.inference_share,
+                                       heldout_fraction=ns.heldout_fraction, seed=ns.seed)
+            print(f"train: {made.train}\neval:  {made.eval}")
             return 0
         if ns.command == "rollout-server":
             if rest:

@@ -280,17 +280,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden-size", type=int, default=TinyModelSpec.hidden_size)
     parser.add_argument("--layers", type=int, default=TinyModelSpec.num_hidden_layers)
-    parser.add_argument("--vision-depth", type=int, default=TinyModelSpec.vision_depth)
+    parser.add_argument("--vision-depth", type=int, help="vision tower blocks (default: the spec's)")
     parser.add_argument("--synthetic-task", action="store_true",
-                        help="the spec ume_train's synthetic shape benchmark trains (28-px images)")
+                        help="the spec ume_train's synthetic benchmarks train from scratch (docs/training.md)")
+    parser.add_argument("--image-pixels", type=int,
+                        help="with --synthetic-task: the side images are resized to (a multiple of 28)")
+    parser.add_argument("--vision-width", type=int, help="with --synthetic-task: the vision tower's width")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = synthetic_task_spec() if args.synthetic_task else TinyModelSpec(
-        hidden_size=args.hidden_size,
-        intermediate_size=2 * args.hidden_size,
-        num_hidden_layers=args.layers,
-        vision_depth=args.vision_depth,
-    )
+    if args.synthetic_task:
+        defaults = synthetic_task_spec()
+        spec = synthetic_task_spec(args.image_pixels or defaults.image_side,
+                                   vision_depth=args.vision_depth or defaults.vision_depth,
+                                   vision_width=args.vision_width or defaults.vision_embed_dim)
+    elif args.image_pixels or args.vision_width:
+        parser.error("--image-pixels and --vision-width go with --synthetic-task")
+    else:
+        spec = TinyModelSpec(hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size,
+                             num_hidden_layers=args.layers, vision_depth=args.vision_depth or TinyModelSpec.vision_depth)
     t0 = time.perf_counter()
     out = build_tiny_checkpoint(args.path, seed=args.seed, spec=spec)
     logger.info("built %s in %.2fs", out, time.perf_counter() - t0)
