@@ -86,6 +86,7 @@ def main() -> None:
     defaults = synthetic_task_spec()
     ap.add_argument("--image-pixels", type=int, default=defaults.image_side,
                     help="side of the square the model sees (28: 1 visual token, 56: 4)")
+    ap.add_argument("--patch-size", type=int, default=defaults.patch_size, help="a token covers (2*patch)^2 pixels")
     ap.add_argument("--vision-depth", type=int, default=defaults.vision_depth)
     ap.add_argument("--vision-width", type=int, default=defaults.vision_embed_dim)
     ap.add_argument("--render-size", type=int, default=112, help="pixels the pictures are drawn at")
@@ -108,7 +109,8 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = synthetic_task_spec(args.image_pixels, vision_depth=args.vision_depth, vision_width=args.vision_width)
+    spec = synthetic_task_spec(args.image_pixels, vision_depth=args.vision_depth, vision_width=args.vision_width,
+                               patch_size=args.patch_size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -160,7 +162,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(curve, calibration, out.with_suffix(".png"), title=f"{args.vocabulary} vocabulary, "
-         f"{spec.visual_tokens_per_image} visual token(s), vision {spec.vision_depth}x{spec.vision_embed_dim}")
+         f"{spec.visual_tokens_per_image} visual token(s) from {spec.image_side} px, patch {spec.patch_size}, "
+         f"vision {spec.vision_depth}x{spec.vision_embed_dim}, {args.train_per_scene} renders per combination")
     print_table(curve[-1], result["setup"], calibration)
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

@@ -77,6 +77,8 @@ class TinyModelSpec:
     # Processor pixel caps: tiny images keep test sequences short (4..16 visual tokens).
     min_pixels: int = 56 * 56
     max_pixels: int = 112 * 112
+    # Qwen2-VL's 14: a merged visual token covers (2 * patch_size)^2 pixels.
+    patch_size: int = 14
 
     @property
     def image_side(self) -> int:
@@ -85,8 +87,8 @@ class TinyModelSpec:
 
     @property
     def visual_tokens_per_image(self) -> int | None:
-        """Merged visual tokens (28x28 pixels each) per square image when both caps are equal."""
-        return (self.image_side // 28) ** 2 if self.min_pixels == self.max_pixels else None
+        """Merged visual tokens per square image when both caps are equal."""
+        return (self.image_side // (2 * self.patch_size)) ** 2 if self.min_pixels == self.max_pixels else None
 
 
 def _train_tokenizer(vocab_size: int):
@@ -163,7 +165,7 @@ def make_config(spec: TinyModelSpec, tokenizer: Any) -> Any:
             hidden_size=spec.hidden_size,  # the merger's output = the LLM width
             num_heads=spec.vision_num_heads,
             mlp_ratio=spec.vision_mlp_ratio,
-            patch_size=14,
+            patch_size=spec.patch_size,
             spatial_merge_size=2,
             temporal_patch_size=2,
         ),
@@ -214,7 +216,7 @@ def build_random_model(
         for new, source in NEW_TOKEN_INIT_SOURCES.items():
             emb[tokenizer.convert_tokens_to_ids(new)] = emb[tokenizer.convert_tokens_to_ids(source)]
     model.generation_config = make_generation_config(tokenizer)
-    caps = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    caps = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**caps),
         tokenizer=tokenizer,
@@ -238,21 +240,27 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec |
     return path
 
 
-def synthetic_task_spec(image_size: int = 28, *, vision_depth: int = 1, vision_width: int = 64) -> TinyModelSpec:
+def synthetic_task_spec(image_size: int = 28, *, vision_depth: int = 1, vision_width: int = 64,
+                        patch_size: int = 14) -> TinyModelSpec:
     """The tiny model ``ume_train``'s synthetic benchmarks train from scratch (~0.3M parameters).
 
-    ``image_size``: the side every image is resized to (a multiple of 28; one merged visual
-    token per 28x28 pixels); ``vision_depth`` / ``vision_width``: the vision tower's blocks and
-    width (heads of 32 dims).
+    The perception budget: ``image_size``, the side every image is resized to (a multiple of
+    ``2 * patch_size``); ``patch_size``, the vision patch (Qwen2-VL's 14; 2x2 patches make one
+    merged visual token, so a token covers ``(2 * patch_size)^2`` pixels); ``vision_depth`` /
+    ``vision_width``, the vision tower's blocks and width (heads of 32 dims).
 
-    Two choices make a model this small able to learn the shape scenes, both measured
-    (benchmarks/sft_learning.py): rope_theta=10 (at Qwen2-VL's 1e6, M-RoPE's height/width
-    sections of a 16-dim head turn by ~1e-5 rad per position, so several visual tokens could
-    not be told apart by position: Hit@1 stayed at 0.25, position at chance); and a byte-level
-    BPE of 1,024 merges keeps the fixed UME-R1 prompt short (~100 tokens).
+    Measured (benchmarks/reasoning_generalisation.py, docs/reasoning.md): where an image is ONE
+    merged token, the merger's concatenation of its 2x2 patches puts which quadrant holds the
+    shape into the token's content; across several tokens, position has to come from M-RoPE,
+    which this model learns slowly. A byte-level BPE of 1,024 merges keeps the fixed UME-R1
+    prompt short (~100 tokens), and rope_theta=10 (at Qwen2-VL's 1e6 the height/width sections
+    of a 32-dim head turn by ~1e-5 rad per position).
     """
-    if image_size < 28 or image_size % 28:
-        raise ValueError(f"image_size must be a positive multiple of 28 (one visual token per 28x28), got {image_size}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if image_size < 2 * patch_size or image_size % (2 * patch_size):
+        raise ValueError(f"image_size must be a positive multiple of {2 * patch_size} (one visual token per "
+                         f"{2 * patch_size}x{2 * patch_size} pixels at patch_size {patch_size}), got {image_size}")
     if vision_width < 32 or vision_width % 32:
         raise ValueError(f"vision_width must be a positive multiple of 32 (32-dim heads), got {vision_width}")
     if vision_depth < 1:
@@ -261,7 +269,7 @@ def synthetic_task_spec(image_size: int = 28, *, vision_depth: int = 1, vision_w
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         rope_theta=10.0, vision_depth=vision_depth, vision_embed_dim=vision_width,
         vision_num_heads=vision_width // 32, bpe_vocab_size=1024,
-        min_pixels=image_size * image_size, max_pixels=image_size * image_size,
+        min_pixels=image_size * image_size, max_pixels=image_size * image_size, patch_size=patch_size,
     )
 
 
