@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from ume_train.data.reasoning_task import (
-    BASE, HELDOUT_WORDINGS, OTHER, SPLITS, TRAIN_WORDINGS, answer_attributes, direct_query, inference_query,
-    make_reasoning_task, split_combinations, target_reasoning,
+    BASE, HELDOUT_WORDINGS, OTHER, RELATIONS, SPLITS, TRAIN_WORDINGS, Chain, all_chains, answer_attributes,
+    direct_query, inference_query, make_reasoning_task, split_chains, split_combinations, target_reasoning,
 )
 
 
@@ -47,18 +47,39 @@ def test_inference_queries_resolve_to_the_label(vocab):
                                                        "where": scene.where}
         named = [c for c in clue_to_value if c in text.lower()]
         assert all(clue_to_value[c] in (scene.shape, scene.colour) for c in named)
-        # a riddled position names another position; the relation maps it to this one
-        for other in vocab.positions:
-            if f"opposite the {other}" in text:
-                assert vocab.opposite[other] == scene.where
-            if f"clockwise from the {other}" in text:
-                assert vocab.clockwise[other] == scene.where
         assert text.lower() != direct_query(vocab, scene, TRAIN_WORDINGS[0])[0].lower()
     # at least one attribute is always named through a clue
     for scene in vocab.scenes()[:20]:
         text, _ = inference_query(vocab, scene, rng)
         plain = {scene.shape in text.split(), scene.colour in text.split(), vocab.place[scene.where] in text.lower()}
         assert False in plain
+
+
+def _grid_step(vocab, relation, position):
+    """The relations on the 3x3 grid, computed from coordinates: opposite mirrors through the
+    centre; clockwise turns a quarter round it (screen coordinates, y down)."""
+    col, row = vocab.positions[position]
+    x, y = col - 1, row - 1
+    x, y = {"opposite": (-x, -y), "clockwise": (-y, x), "anticlockwise": (y, -x)}[relation]
+    return next(p for p, (c, r) in vocab.positions.items() if (c - 1, r - 1) == (x, y))
+
+
+@pytest.mark.parametrize("vocab", [BASE, OTHER], ids=lambda v: v.name)
+def test_chains_follow_the_grid_and_hold_compositions_out(vocab):
+    for chain in all_chains(vocab, 2):
+        pos = chain.start
+        for relation in chain.relations:
+            pos = _grid_step(vocab, relation, pos)
+        assert chain.result(vocab) == pos
+        assert len(chain.steps(vocab)) == 2 and chain.steps(vocab)[-1].endswith(f"is the {pos}.")
+    assert Chain(("opposite", "clockwise"), "top left").phrase(BASE) == \
+        "one corner clockwise from the corner opposite the top left"
+    assert Chain(("opposite", "clockwise"), "top left").result(BASE) == "bottom left"
+    seen, heldout = split_chains(vocab, 1 / 3, seed=0)
+    assert len(seen) + len(heldout) == len(RELATIONS) ** 2 * 4 and not set(seen) & set(heldout)
+    assert {c.relations for c in seen} == {c.relations for c in all_chains(vocab, 2)}  # every pair of hops seen
+    reachable = {c.result(vocab) for c in all_chains(vocab, 2)}
+    assert {c.result(vocab) for c in heldout} == reachable
 
 
 def test_answer_parsing():
@@ -89,6 +110,15 @@ def test_dataset_splits_and_pictures(tmp_path):
     assert counts == {"seen": len(task.seen), "unseen": len(task.heldout), "wording": len(task.seen),
                       "inference": len(task.seen) + len(task.heldout)}
     assert all(r.extra["scene"] in heldout for r in evals if r.dataset == "unseen")
+    # eval inference queries name the position through a composition never trained on
+    held_phrases = {c.phrase(OTHER) for c in task.heldout_chains}
+    train_text = " | ".join(r.query.text.lower() for r in train)
+    for r in evals:
+        if r.dataset == "inference" and r.extra["attributes"]["where"] != "centre":
+            phrase = next(p for p in held_phrases if p in r.query.text.lower())
+            assert phrase not in train_text
+            assert answer_attributes(r.query.reasoning, OTHER)["where"] == r.extra["attributes"]["where"]
+    assert any(p in train_text for c in all_chains(OTHER, 1) for p in [c.phrase(OTHER)])
     templates = [w.split("{")[0] for w in TRAIN_WORDINGS]
     for r in evals:
         if r.dataset == "wording":  # a wording never trained on
@@ -115,26 +145,33 @@ def test_dataset_splits_and_pictures(tmp_path):
         assert np.abs(colour - PALETTE[r.extra["attributes"]["colour"]]).max() < 45
 
 
-@pytest.mark.parametrize("side,depth,width", [(28, 1, 64), (56, 2, 96)])
-def test_synthetic_task_spec_perception_budget(tmp_path, side, depth, width):
-    """The spec's image side, tower depth and width reach the checkpoint and the processor: an
-    image of any size becomes (side/28)^2 merged visual tokens."""
+@pytest.mark.parametrize("side,patch,depth,width", [(28, 14, 1, 64), (56, 14, 2, 96), (56, 28, 1, 64)])
+def test_synthetic_task_spec_perception_budget(tmp_path, side, patch, depth, width):
+    """The spec's image side, patch, tower depth and width reach the checkpoint and the
+    processor: an image of any size becomes (side / (2 * patch))^2 merged visual tokens, each
+    patch 3 x 2 x patch x patch values."""
     from ume_retriever.model.encoder import UMEEncoder
     from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
 
-    spec = synthetic_task_spec(side, vision_depth=depth, vision_width=width)
-    assert spec.visual_tokens_per_image == (side // 28) ** 2
+    spec = synthetic_task_spec(side, vision_depth=depth, vision_width=width, patch_size=patch)
+    tokens = (side // (2 * patch)) ** 2
+    assert spec.visual_tokens_per_image == tokens
     ckpt = build_tiny_checkpoint(tmp_path / "m", spec=spec)
     enc = UMEEncoder.from_pretrained(str(ckpt), device="cpu")
     vision = enc.model.config.vision_config
-    assert (vision.depth, vision.embed_dim, vision.num_heads) == (depth, width, width // 32)
+    assert (vision.depth, vision.embed_dim, vision.num_heads, vision.patch_size) == (depth, width, width // 32, patch)
     assert len(enc.model.model.visual.blocks) == depth
     image_pad = enc.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for size in (112, 37):
         prepared = enc.prepare({"image": Image.new("RGB", (size, size), (200, 10, 10))})
-        assert int((prepared.input_ids == image_pad).sum()) == (side // 28) ** 2
+        assert int((prepared.input_ids == image_pad).sum()) == tokens
+        assert tuple(prepared.vision["pixel_values"].shape) == (4 * tokens, 3 * 2 * patch * patch)
+    result = enc.encode({"image": Image.new("RGB", (112, 112))}, mode="both", max_new_tokens=4)
+    assert result.disc.shape == result.gen.shape == (64,)
     with pytest.raises(ValueError, match="multiple of 28"):
         synthetic_task_spec(40)
+    with pytest.raises(ValueError, match="multiple of 56"):
+        synthetic_task_spec(28, patch_size=28)
     with pytest.raises(ValueError, match="multiple of 32"):
         synthetic_task_spec(28, vision_width=48)
 

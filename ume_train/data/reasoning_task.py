@@ -123,55 +123,129 @@ HELDOUT_WORDINGS = ("show me the picture whose {shape} is {colour}, {place}",
 INFERENCE_WORDINGS = ("find {shape}, {colour}, {place}", "{place}: {shape}, {colour}")
 
 
-def where_clue(vocab: Vocabulary, where: str, rng: random.Random) -> tuple[str, str] | None:
-    """A phrase naming ``where`` through another position, and the reasoning step that resolves
-    it; None for a position no relation reaches (the centre)."""
-    options = []
-    for other, this in vocab.opposite.items():
-        if this == where:
-            options.append((f"the {vocab.area} opposite the {other}",
-                            f"The {vocab.area} opposite the {other} is the {where}."))
-    for other, this in vocab.clockwise.items():
-        if this == where:
-            options.append((f"one {vocab.area} clockwise from the {other}",
-                            f"One {vocab.area} clockwise from the {other} is the {where}."))
-    return rng.choice(options) if options else None
+RELATIONS = ("opposite", "clockwise", "anticlockwise")
+
+
+def relate(vocab: Vocabulary, relation: str, position: str) -> str | None:
+    """The position ``relation`` leads to from ``position`` (None where it leads nowhere)."""
+    if relation == "opposite":
+        return vocab.opposite.get(position)
+    if relation == "clockwise":
+        return vocab.clockwise.get(position)
+    return {v: k for k, v in vocab.clockwise.items()}.get(position)
+
+
+def relation_phrase(vocab: Vocabulary, relation: str, ref: str) -> str:
+    return {"opposite": f"the {vocab.area} opposite {ref}", "clockwise": f"one {vocab.area} clockwise from {ref}",
+            "anticlockwise": f"one {vocab.area} anticlockwise from {ref}"}[relation]
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A position named through relations from another one, innermost first: ("opposite",
+    "clockwise") from "top left" is "one corner clockwise from the corner opposite the top left"."""
+
+    relations: tuple[str, ...]
+    start: str
+
+    def result(self, vocab: Vocabulary) -> str:
+        pos = self.start
+        for r in self.relations:
+            pos = relate(vocab, r, pos)
+        return pos
+
+    def phrase(self, vocab: Vocabulary) -> str:
+        ref = f"the {self.start}"
+        for r in self.relations:
+            ref = relation_phrase(vocab, r, ref)
+        return ref
+
+    def steps(self, vocab: Vocabulary) -> list[str]:
+        """One reasoning sentence per relation, each resolving one hop."""
+        out, pos = [], self.start
+        for r in self.relations:
+            nxt = relate(vocab, r, pos)
+            out.append(f"{_cap(relation_phrase(vocab, r, f'the {pos}'))} is the {nxt}.")
+            pos = nxt
+        return out
+
+
+def all_chains(vocab: Vocabulary, hops: int) -> list[Chain]:
+    starts = [p for p in vocab.positions if all(relate(vocab, r, p) for r in RELATIONS)]
+    return [Chain(rels, start) for rels in itertools.product(RELATIONS, repeat=hops) for start in starts]
+
+
+def split_chains(vocab: Vocabulary, heldout_fraction: float, seed: int) -> tuple[list[Chain], list[Chain]]:
+    """Seen and held-out two-hop chains: every pair of relations and every single hop stays seen
+    (only the composition is new); every reachable position is the result of a held-out chain."""
+    chains = all_chains(vocab, 2)
+    rng = random.Random(seed + 1)
+    by_result: dict[str, list[Chain]] = {}
+    for c in chains:
+        by_result.setdefault(c.result(vocab), []).append(c)
+    pair_left = {rels: sum(c.relations == rels for c in chains) for rels in itertools.product(RELATIONS, repeat=2)}
+    per_result = max(1, round(len(chains) * heldout_fraction / max(1, len(by_result))))
+    heldout: list[Chain] = []
+    for result in sorted(by_result):
+        options = by_result[result][:]
+        rng.shuffle(options)
+        taken = 0
+        for c in options:
+            if taken == per_result:
+                break
+            if pair_left[c.relations] > 1:
+                heldout.append(c)
+                pair_left[c.relations] -= 1
+                taken += 1
+    held = set(heldout)
+    return [c for c in chains if c not in held], heldout
 
 
 def direct_query(vocab: Vocabulary, scene: Scene, wording: str) -> tuple[str, str]:
     """Query text and its reasoning for a query that names every attribute."""
     text = wording.format(colour=scene.colour, shape=scene.shape, place=vocab.place[scene.where])
-    return text[0].upper() + text[1:], _reasoning(vocab, scene, [])
+    return _cap(text), _reasoning(vocab, scene, [])
 
 
-def inference_query(vocab: Vocabulary, scene: Scene, rng: random.Random) -> tuple[str, str]:
+def inference_query(vocab: Vocabulary, scene: Scene, rng: random.Random,
+                    chains: list[Chain] | None = None, always_where: bool = False) -> tuple[str, str]:
     """Query text naming at least one attribute only through a clue, and reasoning that resolves
-    each clue before the canonical answer."""
-    where = where_clue(vocab, scene.where, rng)
-    riddled = [a for a in ATTRIBUTES if rng.random() < 0.6 and (a != "where" or where)]
+    each clue (a position: each hop of its chain) before the canonical answer.
+
+    A riddled position is named by one of ``chains`` that ends there (default: any single
+    hop); ``always_where`` riddles the position whenever a chain reaches it."""
+    if chains is None:
+        chains = all_chains(vocab, 1)
+    reaching = [c for c in chains if c.result(vocab) == scene.where]
+    riddled = [a for a in ATTRIBUTES if (a == "where" and always_where) or rng.random() < 0.6]
+    riddled = [a for a in riddled if a != "where" or reaching]
     if not riddled:
-        riddled = [rng.choice([a for a in ATTRIBUTES if a != "where" or where])]
+        riddled = [rng.choice([a for a in ATTRIBUTES if a != "where" or reaching])]
     steps, parts = [], {}
     if "shape" in riddled:
         clue = rng.choice(vocab.shapes[scene.shape])
         parts["shape"] = clue
-        steps.append(f"{clue[0].upper() + clue[1:]} is a {scene.shape}.")
+        steps.append(f"{_cap(clue)} is a {scene.shape}.")
     else:
         parts["shape"] = f"a {scene.shape}"
     if "colour" in riddled:
         clue = rng.choice(vocab.colours[scene.colour])
         parts["colour"] = f"painted {clue}"
-        steps.append(f"{clue[0].upper() + clue[1:]} is {scene.colour}.")
+        steps.append(f"{_cap(clue)} is {scene.colour}.")
     else:
         parts["colour"] = f"coloured {scene.colour}"
     if "where" in riddled:
-        phrase, step = where
-        parts["place"] = f"in {phrase}"
-        steps.append(step)
+        chain = rng.choice(reaching)
+        parts["place"] = f"in {chain.phrase(vocab)}"
+        steps.extend(chain.steps(vocab))
     else:
         parts["place"] = vocab.place[scene.where]
     text = rng.choice(INFERENCE_WORDINGS).format(**parts)
-    return text[0].upper() + text[1:], _reasoning(vocab, scene, steps)
+    return _cap(text), _reasoning(vocab, scene, steps)
 
 
 def _reasoning(vocab: Vocabulary, scene: Scene, steps: list[str]) -> str:
@@ -226,6 +300,7 @@ class ReasoningTask:
     vocabulary: Vocabulary
     seen: list[Scene]
     heldout: list[Scene]
+    heldout_chains: list[Chain]  # the two-hop position chains only eval queries use
 
 
 def make_reasoning_task(
@@ -236,6 +311,7 @@ def make_reasoning_task(
     train_per_scene: int = 16,
     inference_share: float = 0.5,
     heldout_fraction: float = 0.2,
+    heldout_chain_fraction: float = 1 / 3,
     seed: int = 0,
 ) -> ReasoningTask:
     """Write pictures, ``train.jsonl`` and ``eval.jsonl`` (our record format) under ``root``.
@@ -253,6 +329,8 @@ def make_reasoning_task(
     rng = random.Random(seed)
     seen, heldout = split_combinations(vocab, heldout_fraction, seed)
     seen_set = set(seen)
+    seen_chains, heldout_chains = split_chains(vocab, heldout_chain_fraction, seed)
+    train_chains = all_chains(vocab, 1) + seen_chains  # single hops and the seen compositions
 
     def picture(scene: Scene, stem: str) -> str:
         path = media / f"{stem}.png"
@@ -270,7 +348,7 @@ def make_reasoning_task(
         for i in range(train_per_scene):
             image = picture(scene, f"train-{vocab.summary(scene).replace(' ', '_')}-{i}")
             if rng.random() < inference_share:
-                text, reasoning = inference_query(vocab, scene, rng)
+                text, reasoning = inference_query(vocab, scene, rng, train_chains)
             else:
                 text, reasoning = direct_query(vocab, scene, rng.choice(TRAIN_WORDINGS))
             train.append(record(scene, image, text, reasoning, "train"))
@@ -281,7 +359,8 @@ def make_reasoning_task(
         evals.append(record(scene, image, *direct_query(vocab, scene, rng.choice(TRAIN_WORDINGS)), split))
         if scene in seen_set:
             evals.append(record(scene, image, *direct_query(vocab, scene, rng.choice(HELDOUT_WORDINGS)), "wording"))
-        evals.append(record(scene, image, *inference_query(vocab, scene, rng), "inference"))
+        evals.append(record(scene, image, *inference_query(vocab, scene, rng, heldout_chains, always_where=True),
+                            "inference"))
     rng.shuffle(train)
     paths = {}
     for name, rows in (("train", train), ("eval", evals)):
@@ -289,7 +368,7 @@ def make_reasoning_task(
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     logger.info("reasoning task (%s) in %s: %d train pairs over %d combinations, %d eval queries (%d held-out "
                 "combinations)", vocab.name, root, len(train), len(seen), len(evals), len(heldout))
-    return ReasoningTask(root, paths["train"], paths["eval"], vocab, seen, heldout)
+    return ReasoningTask(root, paths["train"], paths["eval"], vocab, seen, heldout, heldout_chains)
 
 
 _ANSWER = re.compile(r"<answer>(.*?)(?:<gen_emb>|</answer>|$)", re.S)
