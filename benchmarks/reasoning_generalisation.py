@@ -90,12 +90,13 @@ def main() -> None:
     ap.add_argument("--vision-depth", type=int, default=defaults.vision_depth)
     ap.add_argument("--vision-width", type=int, default=defaults.vision_embed_dim)
     ap.add_argument("--render-size", type=int, default=112, help="pixels the pictures are drawn at")
-    ap.add_argument("--train-per-scene", type=int, default=16)
+    ap.add_argument("--train-per-scene", type=int, default=64, help="renders (and queries) per seen combination")
     ap.add_argument("--inference-share", type=float, default=0.5)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
     for name in ("gen-nce", "disc-nce", "query-ce", "target-ce"):
         ap.add_argument(f"--{name}-weight", type=float, default=1.0)
     ap.add_argument("--grpo-minutes", type=float, default=0.0, help="GRPO after SFT for this many minutes (0: none)")
+    ap.add_argument("--sft-checkpoint", help="skip SFT: GRPO from this checkpoint (trained on this task and seed)")
     ap.add_argument("--grpo-lr", type=float, default=1e-4)
     ap.add_argument("--grpo-batch", type=int, default=8, help="pairs per GRPO step")
     ap.add_argument("--grpo-generations", type=int, default=4)
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/reasoning_generalisation")
     ap.add_argument("--keep", help="save the final checkpoint here")
     args = ap.parse_args()
+    if args.sft_checkpoint and not args.grpo_minutes:
+        ap.error("--sft-checkpoint skips SFT: give --grpo-minutes too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("transformers", "ume_train.sft", "ume_train.data.reasoning_task", "ume_retriever.model.encoder"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -120,31 +123,19 @@ def main() -> None:
                                    heldout_fraction=args.heldout_fraction, seed=args.seed)
         train = read_records(task.train).records
         evals = read_records(task.eval).records
-        config = SFTConfig(
-            output_dir=str(tmp / "run"), model_name_or_path=str(ckpt), per_device_train_batch_size=args.batch,
-            max_steps=10**6, learning_rate=args.lr, lr_scheduler_type="constant",  # the callback drives the lr
-            freeze_vision_tower=False,  # random backbone: the vision tower must learn too
-            cache_tokenized=True, use_cpu=True, save_strategy="no", logging_steps=50, report_to="none",
-            seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
-            gen_nce_weight=args.gen_nce_weight, disc_nce_weight=args.disc_nce_weight,
-            query_ce_weight=args.query_ce_weight, target_ce_weight=args.target_ce_weight,
-        )
-        trainer_ref: list = []
-        timer = SplitCurve(trainer_ref, evals, task.vocabulary, args.eval_every * 60, args.minutes * 60, args.lr)
-        trainer = SFTTrainer(args=config, train_dataset=train, callbacks=[timer])
-        for i in range(len(trainer.train_dataset)):  # tokenise once, before the clock starts
-            trainer.train_dataset[i]
         setup_s = time.perf_counter() - t0
-        trainer_ref.append(trainer)
-        timer.evaluate(0)
-        trainer.train()
-        timer.curve.pop()  # the last evaluation again, with the gold reasoning scripted in
-        final = timer.evaluate(trainer.state.global_step, gold=True)
-        curve, eval_s, steps = timer.curve, timer.eval_s, {"sft": trainer.state.global_step}
+        curve, eval_s, steps, offset_s = [], 0.0, {}, 0.0
+        if args.sft_checkpoint:  # GRPO only, from an SFT checkpoint of the same task and seed
+            start = args.sft_checkpoint
+        else:
+            trainer, timer, final, tokenise_s = sft_stage(args, tmp, ckpt, train, evals, task.vocabulary)
+            setup_s += tokenise_s
+            curve, eval_s, steps["sft"], offset_s = timer.curve, timer.eval_s, trainer.state.global_step, timer.train_s
+            start = str(tmp / "sft")
+            trainer.save_model(start)
         if args.grpo_minutes > 0:
-            trainer.save_model(str(tmp / "sft"))
-            trainer, timer = grpo_stage(args, tmp, train, evals, task.vocabulary, offset_s=timer.train_s)
-            timer.curve.pop()
+            trainer, timer = grpo_stage(args, tmp, start, train, evals, task.vocabulary, offset_s=offset_s)
+            timer.curve.pop()  # the last evaluation again, with the gold reasoning scripted in
             final = timer.evaluate(trainer.state.global_step, gold=True)
             curve, eval_s, steps["grpo"] = curve + timer.curve, eval_s + timer.eval_s, trainer.state.global_step
         if args.keep:
@@ -154,7 +145,7 @@ def main() -> None:
         "setup": {**vars(args), "spec": asdict(spec), "visual_tokens_per_image": spec.visual_tokens_per_image,
                   "steps": steps, "train_pairs": len(train), "eval_queries": len(evals),
                   "pool": len({r.extra["scene"] for r in evals}), "heldout_combinations": len(task.heldout),
-                  "threads": torch.get_num_threads(), "setup_s": round(setup_s, 1), "eval_s": round(timer.eval_s, 1)},
+                  "threads": torch.get_num_threads(), "setup_s": round(setup_s, 1), "eval_s": round(eval_s, 1)},
         "curve": curve,
         "adaptive": calibration,
     }
@@ -168,12 +159,39 @@ def main() -> None:
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-def grpo_stage(args, tmp: Path, train, evals, vocab, offset_s: float):
-    """GRPO from the SFT checkpoint in ``tmp/sft`` for ``args.grpo_minutes``, with the split curve."""
+def sft_stage(args, tmp: Path, ckpt: Path, train, evals, vocab):
+    """SFT from the random checkpoint for ``args.minutes``, with the split curve (the last point
+    with the gold reasoning scripted in). Returns (trainer, curve callback, final report, tokenise_s)."""
+    config = SFTConfig(
+        output_dir=str(tmp / "run"), model_name_or_path=str(ckpt), per_device_train_batch_size=args.batch,
+        max_steps=10**6, learning_rate=args.lr, lr_scheduler_type="constant",  # the callback drives the lr
+        freeze_vision_tower=False,  # random backbone: the vision tower must learn too
+        cache_tokenized=True, use_cpu=True, save_strategy="no", logging_steps=50, report_to="none",
+        seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
+        gen_nce_weight=args.gen_nce_weight, disc_nce_weight=args.disc_nce_weight,
+        query_ce_weight=args.query_ce_weight, target_ce_weight=args.target_ce_weight,
+    )
+    trainer_ref: list = []
+    timer = SplitCurve(trainer_ref, evals, vocab, args.eval_every * 60, args.minutes * 60, args.lr)
+    trainer = SFTTrainer(args=config, train_dataset=train, callbacks=[timer])
+    t0 = time.perf_counter()
+    for i in range(len(trainer.train_dataset)):  # tokenise once, before the clock starts
+        trainer.train_dataset[i]
+    tokenise_s = time.perf_counter() - t0
+    trainer_ref.append(trainer)
+    timer.evaluate(0)
+    trainer.train()
+    timer.curve.pop()  # the last evaluation again, with the gold reasoning scripted in
+    final = timer.evaluate(trainer.state.global_step, gold=True)
+    return trainer, timer, final, tokenise_s
+
+
+def grpo_stage(args, tmp: Path, start: str, train, evals, vocab, offset_s: float):
+    """GRPO from the checkpoint ``start`` for ``args.grpo_minutes``, with the split curve."""
     from ume_train import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(
-        output_dir=str(tmp / "grpo"), model_name_or_path=str(tmp / "sft"), use_cpu=True,
+        output_dir=str(tmp / "grpo"), model_name_or_path=start, use_cpu=True,
         per_device_train_batch_size=args.grpo_batch, num_generations=args.grpo_generations,
         max_completion_length=96, learning_rate=args.grpo_lr, lr_scheduler_type="constant", max_steps=10**6,
         logging_steps=10, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
@@ -183,6 +201,7 @@ def grpo_stage(args, tmp: Path, train, evals, vocab, offset_s: float):
                        offset_s=offset_s, stage="grpo")
     trainer = GRPOTrainer(args=config, train_dataset=train, callbacks=[timer])
     trainer_ref.append(trainer)
+    timer.evaluate(0)
     trainer.train()
     return trainer, timer
 

@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     task.add_argument("root")
     task.add_argument("--vocabulary", choices=("base", "other"), default="base")
     task.add_argument("--image-size", type=int, default=112, help="rendered size (the model's pixel caps resize it)")
-    task.add_argument("--train-per-scene", type=int, default=16)
+    task.add_argument("--train-per-scene", type=int, default=64,
+                      help="renders per seen combination (16 is memorised: docs/reasoning.md)")
     task.add_argument("--inference-share", type=float, default=0.5, help="share of training queries that riddle")
     task.add_argument("--heldout-fraction", type=float, default=0.2, help="share of combinations never trained on")
     task.add_argument("--seed", type=int, default=0)
