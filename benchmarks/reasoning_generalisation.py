@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--train-per-scene", type=int, default=64, help="renders (and queries) per seen combination")
     ap.add_argument("--inference-share", type=float, default=0.5)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
+    ap.add_argument("--inference-hops", type=int, choices=(1, 2), default=2,
+                    help="2: the inference split riddles positions through two-hop chains held out of training")
     for name in ("gen-nce", "disc-nce", "query-ce", "target-ce"):
         ap.add_argument(f"--{name}-weight", type=float, default=1.0)
     ap.add_argument("--grpo-minutes", type=float, default=0.0, help="GRPO after SFT for this many minutes (0: none)")
@@ -120,7 +122,8 @@ def main() -> None:
         ckpt = build_tiny_checkpoint(tmp / "init", seed=args.seed, spec=spec)
         task = make_reasoning_task(tmp / "data", vocabulary=args.vocabulary, image_size=args.render_size,
                                    train_per_scene=args.train_per_scene, inference_share=args.inference_share,
-                                   heldout_fraction=args.heldout_fraction, seed=args.seed)
+                                   heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops,
+                                   seed=args.seed)
         train = read_records(task.train).records
         evals = read_records(task.eval).records
         setup_s = time.perf_counter() - t0

@@ -208,3 +208,25 @@ def test_scripted_gold_reasoning_equals_teacher_forced_forward(tmp_path):
 def test_combinations_are_exhaustive():
     assert len(list(itertools.product(BASE.shapes, BASE.colours, BASE.positions))) == len(BASE.scenes()) == 120
     assert len(OTHER.scenes()) == 150
+
+
+def test_command_lines_write_the_task_and_the_spec(tmp_path, capsys):
+    import json
+
+    from ume_retriever.model import tiny
+    from ume_train.cli import main as train_main
+
+    assert train_main(["reasoning-task", str(tmp_path / "task"), "--train-per-scene", "1", "--vocabulary", "other",
+                       "--inference-hops", "1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "task" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 120 and all(r["attributes"]["shape"] in OTHER.shapes for r in rows)
+    assert "train.jsonl" in capsys.readouterr().out
+    tiny.main([str(tmp_path / "m"), "--synthetic-task", "--image-pixels", "56", "--vision-depth", "2",
+               "--vision-width", "96"])
+    written = json.loads((tmp_path / "m" / "ume_tiny_spec.json").read_text())
+    assert (written["min_pixels"], written["max_pixels"], written["vision_depth"], written["vision_embed_dim"]) == \
+        (56 * 56, 56 * 56, 2, 96)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["vision_config"]["depth"] == 2 and config["vision_config"]["embed_dim"] == 96
+    with pytest.raises(SystemExit):
+        tiny.main([str(tmp_path / "n"), "--image-pixels", "56"])  # only with --synthetic-task

@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="renders per seen combination (16 is memorised: docs/reasoning.md)")
     task.add_argument("--inference-share", type=float, default=0.5, help="share of training queries that riddle")
     task.add_argument("--heldout-fraction", type=float, default=0.2, help="share of combinations never trained on")
+    task.add_argument("--inference-hops", type=int, choices=(1, 2), default=2,
+                      help="2: eval riddles positions through two-hop chains held out of training")
     task.add_argument("--seed", type=int, default=0)
     ns, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown arguments: {' '.join(rest)}")
             made = make_reasoning_task(ns.root, vocabulary=ns.vocabulary, image_size=ns.image_size,
                                        train_per_scene=ns.train_per_scene, inference_share=ns.inference_share,
-                                       heldout_fraction=ns.heldout_fraction, seed=ns.seed)
+                                       heldout_fraction=ns.heldout_fraction,
+                                       inference_hops=ns.inference_hops, seed=ns.seed)
             print(f"train: {made.train}\neval:  {made.eval}")
             return 0
         if ns.command == "rollout-server":

@@ -5,8 +5,8 @@ independently; a share of the combinations is held out of training such that eve
 every PAIR of values of two attributes is still seen in training (only the triple is new), so
 composing attributes is learnable and memorising combinations is not enough. Queries either
 name the attributes (in a training wording or in a wording never trained on) or name them only
-through a step of inference ("the shape with three corners", "the corner opposite the top
-left"); the query reasoning spells the inference out and both sides answer with the same
+through inference ("the shape with three corners", "one corner clockwise from the corner
+opposite the top left"); the query reasoning spells every step out and both sides answer with the same
 canonical summary ("green triangle bottom right"), which the gen vector follows.
 
 Evaluation queries, one per combination and kind, against a pool of one fresh picture per
@@ -14,7 +14,9 @@ combination (``dataset`` names the split):
 
 - ``seen`` / ``unseen``: direct queries in a training wording, on seen / held-out combinations;
 - ``wording``: direct queries in a wording never trained on (seen combinations);
-- ``inference``: inference queries (all combinations; ``extra["seen"]`` says which).
+- ``inference``: inference queries (all combinations; ``extra["seen"]`` says which) whose
+  position is named through a two-hop chain of relations held out of training (each hop, and
+  each pair of relations in other chains, is trained on: only the composition is new).
 
 Two vocabularies share no value: ``base`` (the shapes, colours and quadrants of
 ``ume_train.data.synthetic``) and ``other`` (other shapes, colours and five positions).
@@ -300,7 +302,7 @@ class ReasoningTask:
     vocabulary: Vocabulary
     seen: list[Scene]
     heldout: list[Scene]
-    heldout_chains: list[Chain]  # the two-hop position chains only eval queries use
+    heldout_chains: list[Chain]  # the position chains the inference split uses
 
 
 def make_reasoning_task(
@@ -312,12 +314,16 @@ def make_reasoning_task(
     inference_share: float = 0.5,
     heldout_fraction: float = 0.2,
     heldout_chain_fraction: float = 1 / 3,
+    inference_hops: int = 2,
     seed: int = 0,
 ) -> ReasoningTask:
     """Write pictures, ``train.jsonl`` and ``eval.jsonl`` (our record format) under ``root``.
 
     Training queries are inference queries with probability ``inference_share``, else direct
-    queries in a training wording. Every record carries ``scene`` (its combination),
+    queries in a training wording. With ``inference_hops=2`` (default) a riddled position is a
+    single hop or a seen two-hop chain in training and a held-out two-hop chain in the
+    ``inference`` split (always riddled there); with ``inference_hops=1`` single hops only,
+    the same in both. Every record carries ``scene`` (its combination),
     ``attributes`` and ``seen``; eval records' ``dataset`` is their split.
     """
     vocab = VOCABULARIES[vocabulary] if isinstance(vocabulary, str) else vocabulary
@@ -329,8 +335,13 @@ def make_reasoning_task(
     rng = random.Random(seed)
     seen, heldout = split_combinations(vocab, heldout_fraction, seed)
     seen_set = set(seen)
-    seen_chains, heldout_chains = split_chains(vocab, heldout_chain_fraction, seed)
-    train_chains = all_chains(vocab, 1) + seen_chains  # single hops and the seen compositions
+    if inference_hops == 2:
+        seen_chains, heldout_chains = split_chains(vocab, heldout_chain_fraction, seed)
+        train_chains = all_chains(vocab, 1) + seen_chains  # single hops and the seen compositions
+    elif inference_hops == 1:  # single hops only, the same in training and evaluation
+        train_chains = heldout_chains = all_chains(vocab, 1)
+    else:
+        raise ValueError(f"inference_hops must be 1 or 2, got {inference_hops}")
 
     def picture(scene: Scene, stem: str) -> str:
         path = media / f"{stem}.png"
@@ -399,12 +410,13 @@ def main(argv: list[str] | None = None) -> None:
                       help="renders per seen combination (16 is memorised: docs/reasoning.md)")
     ap.add_argument("--inference-share", type=float, default=0.5)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
+    ap.add_argument("--inference-hops", type=int, choices=(1, 2), default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     make_reasoning_task(args.root, vocabulary=args.vocabulary, image_size=args.image_size,
                         train_per_scene=args.train_per_scene, inference_share=args.inference_share,
-                        heldout_fraction=args.heldout_fraction, seed=args.seed)
+                        heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops, seed=args.seed)
 
 
 if __name__ == "__main__":
