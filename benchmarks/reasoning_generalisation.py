@@ -251,7 +251,7 @@ def plot(curve: list[dict], calibration: dict, path: Path, title: str) -> None:
         ax.plot(minutes, [r[key] for r in curve], style, marker="o", label=label)
     ax.set_title("generated answer right (all three attributes)")
     for ax in axes[:2]:
-        ax.set_xlabel("training minutes (2-core CPU)")
+        ax.set_xlabel("training minutes (CPU; threads: see setup)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
