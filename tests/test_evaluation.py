@@ -147,3 +147,18 @@ def test_ume_eval_command(tiny_ckpt, tmp_path, capsys):
         assert (tmp_path / "o" / name).stat().st_size > 1000
     assert "fusion sweep: best on dev" in capsys.readouterr().out
     assert main(["--model", str(tiny_ckpt), "--task", str(tmp_path / "missing.jsonl")]) == 1
+
+
+def test_pairs_format_renders_pdf_pages_within_the_pixel_cap(tmp_path):
+    """``--format pairs`` renders PDF pages within the encoder's cap, as training and indexing
+    do (a 300x340-pt page at 144 dpi is 600x680 px uncapped)."""
+    doc = pymupdf.open()
+    doc.new_page(width=300, height=340).insert_text((20, 28), "Figure 1", fontsize=16)
+    doc.save(tmp_path / "p.pdf")
+    doc.close()
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"query": {"text": "figure one"},
+                                                      "target": {"pdf": "p.pdf", "page": 1}}) + "\n")
+    capped = load_task(tmp_path / "pairs.jsonl", "pairs", pdf_max_pixels=56 * 56).candidates["t0"].images[0]
+    free = load_task(tmp_path / "pairs.jsonl", "pairs").candidates["t0"].images[0]
+    assert free.size == (600, 680)
+    assert capped.width * capped.height <= 56 * 56 and capped.width / capped.height == pytest.approx(300 / 340, rel=0.1)

@@ -71,7 +71,7 @@ def load_task(path: str | os.PathLike, fmt: TaskFormat = "ume", *, name: str | N
     root = Path(media_root) if media_root is not None else path.parent
     name = name or path.stem
     if fmt == "pairs":
-        task = _from_pairs(path, name, root)
+        task = _from_pairs(path, name, root, pdf_max_pixels)
     else:
         task = EvalTask(name, [])
         for lineno, row in _rows(path):
@@ -162,13 +162,14 @@ def _add_mmeb_row(task: EvalTask, row: dict, root: Path, lineno: int) -> None:
     task.queries.append(EvalQuery(f"q{lineno}", query, {pool[0]}, pool))
 
 
-def _from_pairs(path: Path, name: str, root: Path) -> EvalTask:
+def _from_pairs(path: Path, name: str, root: Path, pdf_max_pixels: int | None) -> EvalTask:
     from ..inputs.records import read_records
 
     records = read_records(path, media_root=root, require_reasoning=False).records
     task = EvalTask(name, [])
     for i, record in enumerate(records):
         cid = f"t{i}"
-        task.candidates[cid] = record.target.to_item()
-        task.queries.append(EvalQuery(f"q{i}", record.query.to_item(), {cid}))
+        # PDF pages rendered within the encoder's pixel cap, as training and indexing render them
+        task.candidates[cid] = record.target.to_item(pdf_max_pixels=pdf_max_pixels)
+        task.queries.append(EvalQuery(f"q{i}", record.query.to_item(pdf_max_pixels=pdf_max_pixels), {cid}))
     return task
