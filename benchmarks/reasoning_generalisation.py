@@ -26,13 +26,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from ume_retriever.inputs.records import read_records  # noqa: E402
 from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec  # noqa: E402
 from ume_train import SFTConfig, SFTTrainer  # noqa: E402
-from ume_train.callbacks import TimeBudget  # noqa: E402
+from sft_learning import TimedEvaluation  # noqa: E402
 from ume_train.data.reasoning_task import SPLITS, VOCABULARIES, make_reasoning_task  # noqa: E402
 from ume_train.reasoning_eval import adaptive_curve, split_report  # noqa: E402
 
@@ -40,23 +41,14 @@ logger = logging.getLogger("reasoning_generalisation")
 METHODS = ("disc", "gen", "rrf", "oracle")
 
 
-class SplitCurve(TimeBudget):
-    """``TimeBudget`` plus a split report every ``every_s`` seconds of training and at the end."""
+class SplitCurve(TimedEvaluation):
+    """``sft_learning``'s timed evaluation (cosine over training time, an evaluation every
+    ``every_s`` seconds and at the end), evaluating with the split report."""
 
     def __init__(self, trainer_ref: list, records, vocab, every_s: float, budget_s: float, peak_lr: float,
                  offset_s: float = 0.0, stage: str = "sft"):
-        super().__init__(budget_s / 60, peak_lr)
-        self.trainer_ref, self.records, self.vocab, self.every_s = trainer_ref, records, vocab, every_s
-        self.offset_s, self.stage = offset_s, stage
-        self.eval_s = 0.0
-        self.curve: list[dict] = []
-        self._next = every_s
-
-    def on_step_end(self, args, state, control, **kw):
-        super().on_step_end(args, state, control, **kw)
-        if self.train_s >= self._next or self.done or state.global_step >= state.max_steps:
-            self.evaluate(state.global_step)
-            self._next += self.every_s
+        super().__init__(trainer_ref, records, every_s, budget_s, peak_lr)
+        self.vocab, self.offset_s, self.stage = vocab, offset_s, stage
 
     def evaluate(self, step: int, gold: bool = False) -> dict:
         trainer = self.trainer_ref[0]
