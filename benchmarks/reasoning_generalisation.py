@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=float, default=2.5, help="minutes of training between evaluations")
     ap.add_argument("--batch", type=int, default=32, help="pairs per step")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--vision-lr", type=float, default=None, help="the vision module's peak lr (default: --lr)")
     defaults = synthetic_task_spec()
     ap.add_argument("--image-pixels", type=int, default=defaults.image_side,
                     help="side of the square the model sees (28: 1 visual token, 56: 4)")
@@ -159,7 +160,7 @@ def sft_stage(args, tmp: Path, ckpt: Path, train, evals, vocab):
     with the gold reasoning scripted in). Returns (trainer, curve callback, final report, tokenise_s)."""
     config = SFTConfig(
         output_dir=str(tmp / "run"), model_name_or_path=str(ckpt), per_device_train_batch_size=args.batch,
-        max_steps=10**6, learning_rate=args.lr, lr_scheduler_type="constant",  # the callback drives the lr
+        max_steps=10**6, learning_rate=args.lr, vision_lr=args.vision_lr, lr_scheduler_type="constant",  # the callback drives the lr
         freeze_vision_tower=False,  # random backbone: the vision tower must learn too
         cache_tokenized=True, use_cpu=True, save_strategy="no", logging_steps=50, report_to="none",
         seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,

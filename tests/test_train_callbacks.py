@@ -24,14 +24,15 @@ def test_sets_the_rate_and_stops_when_spent(monkeypatch):
     clock = iter([0.0, 100.0, 100.0, 400.0])  # step 1 takes 100 s, step 2 takes 300 s
     monkeypatch.setattr("ume_train.callbacks.time.perf_counter", lambda: next(clock))
     budget = TimeBudget(minutes=10, peak_lr=2.0, warmup=0.0, stop_after=5)
-    opt = SimpleNamespace(param_groups=[{"lr": None}])
+    opt = SimpleNamespace(param_groups=[{"lr": None}, {"lr": None, "lr_scale": 3.0}])  # SFTConfig.vision_lr
     control = SimpleNamespace(should_training_stop=False)
     budget.on_step_begin(None, None, control, optimizer=opt)
-    assert opt.param_groups[0]["lr"] == pytest.approx(2.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0) and opt.param_groups[1]["lr"] == pytest.approx(6.0)
     budget.on_step_end(None, None, control)
     assert not control.should_training_stop
     budget.on_step_begin(None, None, control, optimizer=opt)
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 100 / 600)))
+    assert opt.param_groups[1]["lr"] == pytest.approx(3 * opt.param_groups[0]["lr"])
     budget.on_step_end(None, None, control)
     assert control.should_training_stop and budget.done  # 400 s >= stop_after 300 s
     with pytest.raises(ValueError):

@@ -153,6 +153,28 @@ def test_vision_tower_frozen_by_default(tiny_ckpt, shapes, tmp_path):
     assert any("visual.merger" in n for n in trainable) and any("language_model" in n for n in trainable)
 
 
+@pytest.mark.parametrize("vision_lr", [0.0, 4e-3])
+def test_vision_lr_moves_the_vision_module_at_its_own_rate(tiny_ckpt, shapes, tmp_path, vision_lr):
+    """AdamW's first step moves every weight with a gradient by the rate itself (m / sqrt(v) is
+    the gradient's sign), so the median move per module is its learning rate."""
+    from ume_train import SFTTrainer
+
+    trainer = SFTTrainer(args=_config(tmp_path, tiny_ckpt, [shapes.train], max_steps=1, learning_rate=1e-3,
+                                      vision_lr=vision_lr, lr_scheduler_type="constant", warmup_steps=0))
+    before = {n: p.detach().clone() for n, p in trainer.inner_model.named_parameters()}
+    trainer.train()
+    moves = {"vision": [], "llm": []}
+    for n, p in trainer.inner_model.named_parameters():
+        delta = (p.detach() - before[n]).abs().flatten()
+        moves["vision" if ".visual." in f".{n}" else "llm"].append(delta)
+    vision, llm = torch.cat(moves["vision"]), torch.cat(moves["llm"])
+    if vision_lr == 0:
+        assert float(vision.max()) == 0.0
+    else:
+        assert float(vision[vision > 0].median()) == pytest.approx(vision_lr, rel=1e-2)
+    assert float(llm[llm > 0].median()) == pytest.approx(1e-3, rel=1e-2)
+
+
 def test_lora_trains_adapters_and_saves_merged_weights(tiny_ckpt, shapes, tmp_path):
     from ume_retriever import UMEEncoder
     from ume_train import SFTTrainer

@@ -41,7 +41,8 @@ class TimeBudget(TrainerCallback):
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:
             for group in optimizer.param_groups:
-                group["lr"] = self.peak_lr * self.lr_factor()
+                # lr_scale: a group trained at another rate than peak_lr (SFTConfig.vision_lr)
+                group["lr"] = self.peak_lr * self.lr_factor() * group.get("lr_scale", 1.0)
         self._t = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):

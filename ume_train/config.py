@@ -107,6 +107,9 @@ class SFTConfig(TrainConfig):
     freeze_vision_tower: bool = field(default=True, **_help(
         "Freeze the vision encoder (the paper's SFT); turn off when the backbone is random."))
     train_merger: bool = field(default=True, **_help("Train the vision-language merger."))
+    vision_lr: float | None = field(default=None, **_help(
+        "Peak learning rate of the vision module (tower and merger), on the same schedule as the LLM's "
+        "learning_rate (default: learning_rate). Not applied under DeepSpeed, which builds its own optimizer."))
     use_lora: bool = field(default=False, **_help("Train LoRA adapters (peft) on the LLM instead of all of it."))
     lora_r: int = field(default=16, **_help("LoRA rank."))
     lora_alpha: int = field(default=32, **_help("LoRA alpha."))
@@ -130,6 +133,8 @@ class SFTConfig(TrainConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.logit_scale <= 0:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.vision_lr is not None and self.vision_lr < 0:
+            raise ValueError(f"vision_lr must be >= 0, got {self.vision_lr}")
         if self.use_lora and self.lora_r <= 0:
             raise ValueError("lora_r must be > 0")
 

@@ -46,6 +46,23 @@ def apply_lora(model: torch.nn.Module, args: SFTConfig) -> torch.nn.Module:
     return model
 
 
+def split_vision_groups(optimizer: torch.optim.Optimizer, vision: set[int], lr: float, base_lr: float) -> int:
+    """Move the parameters whose ``id`` is in ``vision`` out of every optimizer group into a
+    twin group (same weight decay and betas) at ``lr``. Its ``lr_scale`` (lr / base_lr) lets a
+    schedule set from outside, such as ``TimeBudget``, keep the ratio; transformers' own
+    schedulers keep it through each group's ``initial_lr``. Returns how many parameters moved."""
+    count = 0
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in vision]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in vision]
+        twin = {k: v for k, v in group.items() if k != "params"}
+        optimizer.add_param_group({**twin, "params": moved, "lr": lr, "lr_scale": lr / base_lr if base_lr else 0.0})
+        count += len(moved)
+    return count
+
+
 class SFTTrainer(UMETrainerMixin, Trainer):
     """Train a UME-R1 model with the SFT loss.
 
@@ -90,6 +107,20 @@ class SFTTrainer(UMETrainerMixin, Trainer):
                          train_dataset=train_dataset, eval_dataset=eval_records, callbacks=callbacks)
         self.model_accepts_loss_kwargs = False  # our loss is complete; Trainer only divides by GA
         self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """transformers' optimizer; with ``vision_lr``, the vision module in groups of its own."""
+        had_optimizer = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        if self.args.vision_lr is not None and not had_optimizer:
+            base = self.trained_model.get_base_model() if hasattr(self.trained_model, "get_base_model") \
+                else self.trained_model
+            vision = {id(p) for p in base.model.visual.parameters()}
+            if not split_vision_groups(optimizer, vision, self.args.vision_lr, self.args.learning_rate):
+                # e.g. FSDP flattens parameters before the optimizer sees them
+                logger.warning("vision_lr=%g: no trainable vision parameter is in the optimizer as such; "
+                               "the vision module trains at learning_rate", self.args.vision_lr)
+        return optimizer
 
     # -- loss (logging and held-out evaluation: UMETrainerMixin) --------------------------------
 
