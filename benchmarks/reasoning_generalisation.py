@@ -46,8 +46,8 @@ class SplitCurve(TimedEvaluation):
     ``every_s`` seconds and at the end), evaluating with the split report."""
 
     def __init__(self, trainer_ref: list, records, vocab, every_s: float, budget_s: float, peak_lr: float,
-                 offset_s: float = 0.0, stage: str = "sft"):
-        super().__init__(trainer_ref, records, every_s, budget_s, peak_lr)
+                 offset_s: float = 0.0, stage: str = "sft", warmup: float = 0.03):
+        super().__init__(trainer_ref, records, every_s, budget_s, peak_lr, warmup=warmup)
         self.vocab, self.offset_s, self.stage = vocab, offset_s, stage
 
     def evaluate(self, step: int, gold: bool = False) -> dict:
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="pairs per step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--vision-lr", type=float, default=None, help="the vision module's peak lr (default: --lr)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--warmup", type=float, default=0.03, help="share of the SFT minutes the lr warms up over")
     defaults = synthetic_task_spec()
     ap.add_argument("--image-pixels", type=int, default=defaults.image_side,
                     help="side of the square the model sees (28: 1 visual token, 56: 4)")
@@ -86,6 +88,8 @@ def main() -> None:
     ap.add_argument("--train-per-scene", type=int, default=64, help="renders (and queries) per seen combination")
     ap.add_argument("--inference-share", type=float, default=0.5)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
+    ap.add_argument("--train-hops", type=int, choices=(2, 3), default=2,
+                    help="3: training also names positions by three-hop routes free of held-out chains")
     ap.add_argument("--inference-hops", type=int, choices=(1, 2), default=2,
                     help="2: the inference split riddles positions through two-hop chains held out of training")
     for name in ("gen-nce", "disc-nce", "query-ce", "target-ce"):
@@ -116,6 +120,7 @@ def main() -> None:
         task = make_reasoning_task(tmp / "data", vocabulary=args.vocabulary, image_size=args.render_size,
                                    train_per_scene=args.train_per_scene, inference_share=args.inference_share,
                                    heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops,
+                                   train_hops=args.train_hops,
                                    seed=args.seed)
         train = read_records(task.train).records
         evals = read_records(task.eval).records
@@ -160,7 +165,8 @@ def sft_stage(args, tmp: Path, ckpt: Path, train, evals, vocab):
     with the gold reasoning scripted in). Returns (trainer, curve callback, final report, tokenise_s)."""
     config = SFTConfig(
         output_dir=str(tmp / "run"), model_name_or_path=str(ckpt), per_device_train_batch_size=args.batch,
-        max_steps=10**6, learning_rate=args.lr, vision_lr=args.vision_lr, lr_scheduler_type="constant",  # the callback drives the lr
+        max_steps=10**6, learning_rate=args.lr, vision_lr=args.vision_lr,
+        lr_scheduler_type="constant", weight_decay=args.weight_decay,  # the callback drives the lr
         freeze_vision_tower=False,  # random backbone: the vision tower must learn too
         cache_tokenized=True, use_cpu=True, save_strategy="no", logging_steps=50, report_to="none",
         seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
@@ -168,7 +174,7 @@ def sft_stage(args, tmp: Path, ckpt: Path, train, evals, vocab):
         query_ce_weight=args.query_ce_weight, target_ce_weight=args.target_ce_weight,
     )
     trainer_ref: list = []
-    timer = SplitCurve(trainer_ref, evals, vocab, args.eval_every * 60, args.minutes * 60, args.lr)
+    timer = SplitCurve(trainer_ref, evals, vocab, args.eval_every * 60, args.minutes * 60, args.lr, warmup=args.warmup)
     trainer = SFTTrainer(args=config, train_dataset=train, callbacks=[timer])
     t0 = time.perf_counter()
     for i in range(len(trainer.train_dataset)):  # tokenise once, before the clock starts

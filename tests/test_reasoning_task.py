@@ -13,7 +13,7 @@ from PIL import Image
 
 from ume_train.data.reasoning_task import (
     BASE, HELDOUT_WORDINGS, OTHER, RELATIONS, SPLITS, TRAIN_WORDINGS, Chain, all_chains, answer_attributes,
-    direct_query, inference_query, make_reasoning_task, split_chains, split_combinations, target_reasoning,
+    direct_query, inference_query, make_reasoning_task, routes_avoiding, split_chains, split_combinations, target_reasoning,
 )
 
 
@@ -73,13 +73,46 @@ def test_chains_follow_the_grid_and_hold_compositions_out(vocab):
         assert chain.result(vocab) == pos
         assert len(chain.steps(vocab)) == 2 and chain.steps(vocab)[-1].endswith(f"is the {pos}.")
     assert Chain(("opposite", "clockwise"), "top left").phrase(BASE) == \
-        "one corner clockwise from the corner opposite the top left"
+        "the corner reached from the top left going opposite, then clockwise"
+    # each step starts where the previous one ended, with the next relation the route names
+    assert Chain(("opposite", "clockwise"), "top left").steps(BASE) == [
+        "From the top left, going opposite is the bottom right.", "From the bottom right, going clockwise is the bottom left."]
     assert Chain(("opposite", "clockwise"), "top left").result(BASE) == "bottom left"
     seen, heldout = split_chains(vocab, 1 / 3, seed=0)
     assert len(seen) + len(heldout) == len(RELATIONS) ** 2 * 4 and not set(seen) & set(heldout)
     assert {c.relations for c in seen} == {c.relations for c in all_chains(vocab, 2)}  # every pair of hops seen
     reachable = {c.result(vocab) for c in all_chains(vocab, 2)}
     assert {c.result(vocab) for c in heldout} == reachable
+
+
+@pytest.mark.parametrize("vocab", [BASE, OTHER], ids=lambda v: v.name)
+def test_three_hop_routes_contain_no_heldout_chain(vocab):
+    _, heldout = split_chains(vocab, 1 / 3, seed=0)
+    held = {(c.relations, c.start) for c in heldout}
+    starts = {c.start for c in all_chains(vocab, 1)}
+    expected = set()
+    for rels in itertools.product(RELATIONS, repeat=3):
+        for start in starts:  # walk the grid; a route is clean when neither two-hop part is held out
+            first = _grid_step(vocab, rels[0], start)
+            if first and ((rels[0], rels[1]), start) not in held and ((rels[1], rels[2]), first) not in held:
+                expected.add((rels, start))
+    got = routes_avoiding(vocab, 3, heldout)
+    assert {(c.relations, c.start) for c in got} == expected and len(got) == len(expected) > 0
+
+
+def test_training_on_three_hop_routes_keeps_heldout_chains_out(tmp_path):
+    from ume_retriever.inputs.records import read_records
+
+    task = make_reasoning_task(tmp_path, train_per_scene=8, inference_share=1.0, train_hops=3, seed=0)
+    train = read_records(task.train).records
+    texts = [r.query.text.lower() for r in train]
+    assert sum(t.count(", then ") == 2 for t in texts) > 50  # three-hop routes are trained on
+    for chain in task.heldout_chains:  # neither the phrase nor the two steps in a row
+        steps = " ".join(chain.steps(BASE))
+        assert not any(chain.phrase(BASE) in t for t in texts)
+        assert not any(steps in r.query.reasoning for r in train)
+    with pytest.raises(ValueError, match="train_hops"):
+        make_reasoning_task(tmp_path / "x", train_per_scene=1, inference_hops=1, train_hops=3)
 
 
 def test_answer_parsing():

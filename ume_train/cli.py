@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     task.add_argument("--heldout-fraction", type=float, default=0.2, help="share of combinations never trained on")
     task.add_argument("--inference-hops", type=int, choices=(1, 2), default=2,
                       help="2: eval riddles positions through two-hop chains held out of training")
+    task.add_argument("--train-hops", type=int, choices=(2, 3), default=2,
+                      help="3: training also names positions by three-hop routes free of held-out chains")
     task.add_argument("--seed", type=int, default=0)
     ns, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             made = make_reasoning_task(ns.root, vocabulary=ns.vocabulary, image_size=ns.image_size,
                                        train_per_scene=ns.train_per_scene, inference_share=ns.inference_share,
                                        heldout_fraction=ns.heldout_fraction,
-                                       inference_hops=ns.inference_hops, seed=ns.seed)
+                                       inference_hops=ns.inference_hops, train_hops=ns.train_hops, seed=ns.seed)
             print(f"train: {made.train}\neval:  {made.eval}")
             return 0
         if ns.command == "rollout-server":

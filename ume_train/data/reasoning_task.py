@@ -5,8 +5,8 @@ independently; a share of the combinations is held out of training such that eve
 every PAIR of values of two attributes is still seen in training (only the triple is new), so
 composing attributes is learnable and memorising combinations is not enough. Queries either
 name the attributes (in a training wording or in a wording never trained on) or name them only
-through inference ("the shape with three corners", "one corner clockwise from the corner
-opposite the top left"); the query reasoning spells every step out and both sides answer with the same
+through inference ("the shape with three corners", "the corner reached from the top left
+going opposite, then clockwise"); the query reasoning spells every step out and both sides answer with the same
 canonical summary ("green triangle bottom right"), which the gen vector follows.
 
 Evaluation queries, one per combination and kind, against a pool of one fresh picture per
@@ -117,8 +117,12 @@ OTHER = Vocabulary(
 VOCABULARIES = {v.name: v for v in (BASE, OTHER)}
 
 # Direct wordings trained on, and wordings only the ``wording`` split uses.
+# The training wordings vary the order of the attributes and the words around them, so that a
+# model learns to pick the values out rather than a template's positions.
 TRAIN_WORDINGS = ("a {colour} {shape} {place}", "{place} there is a {colour} {shape}",
-                  "find a {colour} {shape} {place}")
+                  "find a {colour} {shape} {place}", "a {shape} in {colour}, {place}",
+                  "the {shape} {place} is {colour}", "an image with a {colour} {shape} {place}",
+                  "{place}, one {shape}, {colour}", "which picture has a {shape} that is {colour} {place}")
 HELDOUT_WORDINGS = ("show me the picture whose {shape} is {colour}, {place}",
                     "{colour}; {shape}; {place}",
                     "I am looking for one {shape} coloured {colour} that sits {place}")
@@ -137,19 +141,21 @@ def relate(vocab: Vocabulary, relation: str, position: str) -> str | None:
     return {v: k for k, v in vocab.clockwise.items()}.get(position)
 
 
-def relation_phrase(vocab: Vocabulary, relation: str, ref: str) -> str:
-    return {"opposite": f"the {vocab.area} opposite {ref}", "clockwise": f"one {vocab.area} clockwise from {ref}",
-            "anticlockwise": f"one {vocab.area} anticlockwise from {ref}"}[relation]
-
-
 def _cap(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
 @dataclass(frozen=True)
 class Chain:
-    """A position named through relations from another one, innermost first: ("opposite",
-    "clockwise") from "top left" is "one corner clockwise from the corner opposite the top left"."""
+    """A position named as a route of relations from another one, read in order: ("opposite",
+    "clockwise") from "top left" is "the corner reached from the top left going opposite, then
+    clockwise" (the bottom left).
+
+    The route is read in the order it is walked, so each reasoning step is one seen hop: its
+    start is the previous step's result and its relation the next one the query names. (A nested
+    phrasing, "one corner clockwise from the corner opposite the top left", must be resolved
+    innermost first; the tiny models memorised it per chain and got held-out chains' positions
+    right at chance, see docs/reasoning.md.)"""
 
     relations: tuple[str, ...]
     start: str
@@ -161,17 +167,14 @@ class Chain:
         return pos
 
     def phrase(self, vocab: Vocabulary) -> str:
-        ref = f"the {self.start}"
-        for r in self.relations:
-            ref = relation_phrase(vocab, r, ref)
-        return ref
+        return f"the {vocab.area} reached from the {self.start} going {', then '.join(self.relations)}"
 
     def steps(self, vocab: Vocabulary) -> list[str]:
         """One reasoning sentence per relation, each resolving one hop."""
         out, pos = [], self.start
         for r in self.relations:
             nxt = relate(vocab, r, pos)
-            out.append(f"{_cap(relation_phrase(vocab, r, f'the {pos}'))} is the {nxt}.")
+            out.append(f"From the {pos}, going {r} is the {nxt}.")
             pos = nxt
         return out
 
@@ -205,6 +208,22 @@ def split_chains(vocab: Vocabulary, heldout_fraction: float, seed: int) -> tuple
                 taken += 1
     held = set(heldout)
     return [c for c in chains if c not in held], heldout
+
+
+def routes_avoiding(vocab: Vocabulary, hops: int, heldout: list[Chain]) -> list[Chain]:
+    """Routes of ``hops`` relations none of whose two consecutive hops, from where the route is
+    at, is a held-out chain: training on them never shows a held-out composition."""
+    held, out = set(heldout), []
+    for chain in all_chains(vocab, hops):
+        pos, clean = chain.start, True
+        for first, second in zip(chain.relations, chain.relations[1:]):
+            if pos is None or Chain((first, second), pos) in held:
+                clean = False
+                break
+            pos = relate(vocab, first, pos)
+        if clean and chain.result(vocab) is not None:
+            out.append(chain)
+    return out
 
 
 def direct_query(vocab: Vocabulary, scene: Scene, wording: str) -> tuple[str, str]:
@@ -315,6 +334,7 @@ def make_reasoning_task(
     heldout_fraction: float = 0.2,
     heldout_chain_fraction: float = 1 / 3,
     inference_hops: int = 2,
+    train_hops: int = 2,
     seed: int = 0,
 ) -> ReasoningTask:
     """Write pictures, ``train.jsonl`` and ``eval.jsonl`` (our record format) under ``root``.
@@ -322,8 +342,9 @@ def make_reasoning_task(
     Training queries are inference queries with probability ``inference_share``, else direct
     queries in a training wording. With ``inference_hops=2`` (default) a riddled position is a
     single hop or a seen two-hop chain in training and a held-out two-hop chain in the
-    ``inference`` split (always riddled there); with ``inference_hops=1`` single hops only,
-    the same in both. Every record carries ``scene`` (its combination),
+    ``inference`` split (always riddled there); ``train_hops=3`` adds to training the
+    three-hop routes that contain no held-out chain (more routes than a small model can
+    memorise one by one). With ``inference_hops=1``, single hops only, the same in both. Every record carries ``scene`` (its combination),
     ``attributes`` and ``seen``; eval records' ``dataset`` is their split.
     """
     vocab = VOCABULARIES[vocabulary] if isinstance(vocabulary, str) else vocabulary
@@ -335,9 +356,14 @@ def make_reasoning_task(
     rng = random.Random(seed)
     seen, heldout = split_combinations(vocab, heldout_fraction, seed)
     seen_set = set(seen)
+    if train_hops not in (2, 3) or (train_hops == 3 and inference_hops != 2):
+        raise ValueError(f"train_hops must be 2, or 3 with inference_hops=2; got train_hops={train_hops}, "
+                         f"inference_hops={inference_hops}")
     if inference_hops == 2:
         seen_chains, heldout_chains = split_chains(vocab, heldout_chain_fraction, seed)
         train_chains = all_chains(vocab, 1) + seen_chains  # single hops and the seen compositions
+        if train_hops == 3:
+            train_chains += routes_avoiding(vocab, 3, heldout_chains)
     elif inference_hops == 1:  # single hops only, the same in training and evaluation
         train_chains = heldout_chains = all_chains(vocab, 1)
     else:
@@ -411,12 +437,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inference-share", type=float, default=0.5)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
     ap.add_argument("--inference-hops", type=int, choices=(1, 2), default=2)
+    ap.add_argument("--train-hops", type=int, choices=(2, 3), default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     make_reasoning_task(args.root, vocabulary=args.vocabulary, image_size=args.image_size,
                         train_per_scene=args.train_per_scene, inference_share=args.inference_share,
-                        heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops, seed=args.seed)
+                        heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops,
+                        train_hops=args.train_hops, seed=args.seed)
 
 
 if __name__ == "__main__":
