@@ -77,7 +77,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--vision-lr", type=float, default=None, help="the vision module's peak lr (default: --lr)")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    ap.add_argument("--warmup", type=float, default=0.03, help="share of the SFT minutes the lr warms up over")
+    ap.add_argument("--warmup", type=float, default=0.2,
+                    help="share of the SFT minutes the lr warms up over (0.03, the paper's, lets the shape be "
+                         "learnt late or never on 2 seeds in 3: docs/reasoning.md)")
     defaults = synthetic_task_spec()
     ap.add_argument("--image-pixels", type=int, default=defaults.image_side,
                     help="side of the square the model sees (28: 1 visual token, 56: 4)")
