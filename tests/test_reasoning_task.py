@@ -115,6 +115,19 @@ def test_training_on_three_hop_routes_keeps_heldout_chains_out(tmp_path):
         make_reasoning_task(tmp_path / "x", train_per_scene=1, inference_hops=1, train_hops=3)
 
 
+def test_training_wordings_vary_order_and_form_and_miss_the_heldout_frames():
+    slots = ("{shape}", "{colour}", "{place}")
+    assert len(set(TRAIN_WORDINGS)) == len(TRAIN_WORDINGS) > 1000
+    orders = set()
+    for w in TRAIN_WORDINGS:
+        assert all(w.count(slot) == 1 for slot in slots), w
+        orders.add(tuple(sorted(slots, key=w.index)))
+    assert len(orders) == 6  # every order of the three attributes
+    for frame in ("show me the picture whose", "coloured", "that sits", ";"):
+        assert not any(frame in w for w in TRAIN_WORDINGS), frame
+    assert not set(TRAIN_WORDINGS) & set(HELDOUT_WORDINGS)
+
+
 def test_answer_parsing():
     assert answer_attributes("<think>x</think><answer> red circle top left <gen_emb>", BASE) == \
         {"shape": "circle", "colour": "red", "where": "top left"}
