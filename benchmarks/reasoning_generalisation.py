@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from ume_retriever.inputs.records import read_records  # noqa: E402
 from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec  # noqa: E402
 from ume_train import SFTConfig, SFTTrainer  # noqa: E402
-from sft_learning import TimedEvaluation  # noqa: E402
+from sft_learning import TimedEvaluation, recent_embedding_reward  # noqa: E402
 from ume_train.data.reasoning_task import SPLITS, VOCABULARIES, make_reasoning_task  # noqa: E402
 from ume_train.reasoning_eval import adaptive_curve, split_report  # noqa: E402
 
@@ -60,6 +60,9 @@ class SplitCurve(TimedEvaluation):
         self.eval_s += time.perf_counter() - t0
         row = {"stage": self.stage, "minutes": round((self.offset_s + self.train_s) / 60, 2), "step": step,
                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in report.items() if k != "per_query"}}
+        reward = recent_embedding_reward(trainer)
+        if reward is not None:
+            row["embedding_reward"] = round(reward, 3)
         self.curve.append(row)
         logger.info("%s min %.1f step %d: all disc %.3f gen %.3f rrf %.3f | unseen gen %.3f | inference disc %.3f "
                     "gen %.3f | image answer seen %.2f unseen %.2f", self.stage, row["minutes"], step,

@@ -37,6 +37,14 @@ from ume_train.evaluation import retrieval_hit_at_1  # noqa: E402
 logger = logging.getLogger("sft_learning")
 
 
+def recent_embedding_reward(trainer) -> float | None:
+    """GRPO: the mean embedding reward (both sides) of the latest 5 logged steps; None for SFT."""
+    history = [h for h in trainer.state.log_history if "query_reward_embedding" in h][-5:]
+    if not history:
+        return None
+    return sum((h["query_reward_embedding"] + h["target_reward_embedding"]) / 2 for h in history) / len(history)
+
+
 class TimedEvaluation(TimeBudget):
     """``TimeBudget`` (cosine over training TIME, stop on budget) plus an evaluation every
     ``every_s`` seconds of training time and at the end (evaluations are not counted)."""
@@ -61,11 +69,9 @@ class TimedEvaluation(TimeBudget):
         model = trainer.inner_model
         model.eval()
         metrics = retrieval_hit_at_1(trainer.encoder, self.records, modes=self.modes)
-        history = [h for h in trainer.state.log_history if "query_reward_embedding" in h]
-        if history:  # GRPO: the mean embedding reward of the latest logged steps
-            recent = history[-5:]
-            metrics["embedding_reward"] = sum((h["query_reward_embedding"] + h["target_reward_embedding"]) / 2
-                                              for h in recent) / len(recent)
+        reward = recent_embedding_reward(trainer)
+        if reward is not None:
+            metrics["embedding_reward"] = reward
         model.train()
         self.eval_s += time.perf_counter() - t0
         row = {"minutes": round(self.train_s / 60, 2), "step": step, **{k: round(v, 3) for k, v in metrics.items()}}
