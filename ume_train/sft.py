@@ -113,9 +113,7 @@ class SFTTrainer(UMETrainerMixin, Trainer):
         had_optimizer = self.optimizer is not None
         optimizer = super().create_optimizer(model)
         if self.args.vision_lr is not None and not had_optimizer:
-            base = self.trained_model.get_base_model() if hasattr(self.trained_model, "get_base_model") \
-                else self.trained_model
-            vision = {id(p) for p in base.model.visual.parameters()}
+            vision = {id(p) for p in self.encoder.model.model.visual.parameters()}  # the (PEFT base) model
             if not split_vision_groups(optimizer, vision, self.args.vision_lr, self.args.learning_rate):
                 # e.g. FSDP flattens parameters before the optimizer sees them
                 logger.warning("vision_lr=%g: no trainable vision parameter is in the optimizer as such; "

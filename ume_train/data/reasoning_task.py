@@ -168,10 +168,10 @@ class Chain:
     clockwise" (the bottom left).
 
     The route is read in the order it is walked, so each reasoning step is one seen hop: its
-    start is the previous step's result and its relation the next one the query names. (A nested
-    phrasing, "one corner clockwise from the corner opposite the top left", must be resolved
-    innermost first; the tiny models memorised it per chain and got held-out chains' positions
-    right at chance, see docs/reasoning.md.)"""
+    start is the previous step's result and its relation the next one the query names (a nested
+    phrasing, "one corner clockwise from the corner opposite the top left", has to be resolved
+    innermost first). Under either phrasing the tiny models memorise chains whole and get
+    held-out chains' positions right at about chance (docs/reasoning.md)."""
 
     relations: tuple[str, ...]
     start: str
@@ -359,9 +359,9 @@ def make_reasoning_task(
     queries in a training wording. With ``inference_hops=2`` (default) a riddled position is a
     single hop or a seen two-hop chain in training and a held-out two-hop chain in the
     ``inference`` split (always riddled there); ``train_hops=3`` adds to training the
-    three-hop routes that contain no held-out chain (more routes than a small model can
-    memorise one by one). With ``inference_hops=1``, single hops only, the same in both. Every record carries ``scene`` (its combination),
-    ``attributes`` and ``seen``; eval records' ``dataset`` is their split.
+    three-hop routes that contain no held-out chain. With ``inference_hops=1``, single hops
+    only, the same in both. Every record carries ``scene`` (its combination), ``attributes``
+    and ``seen``; eval records' ``dataset`` is their split.
     """
     vocab = VOCABULARIES[vocabulary] if isinstance(vocabulary, str) else vocabulary
     if not 0 <= inference_share <= 1:
