@@ -89,8 +89,11 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=defaults.patch_size, help="a token covers (2*patch)^2 pixels")
     ap.add_argument("--vision-depth", type=int, default=defaults.vision_depth)
     ap.add_argument("--vision-width", type=int, default=defaults.vision_embed_dim)
+    ap.add_argument("--text-layers", type=int, default=defaults.num_hidden_layers, help="language model layers")
+    ap.add_argument("--text-width", type=int, default=defaults.hidden_size, help="language model width")
     ap.add_argument("--render-size", type=int, default=112, help="pixels the pictures are drawn at")
     ap.add_argument("--train-per-scene", type=int, default=64, help="renders (and queries) per seen combination")
+    ap.add_argument("--queries-per-render", type=int, default=1, help="training queries drawn per render")
     ap.add_argument("--inference-share", type=float, default=0.5)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
     ap.add_argument("--train-hops", type=int, choices=(2, 3), default=2,
@@ -117,13 +120,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = synthetic_task_spec(args.image_pixels, vision_depth=args.vision_depth, vision_width=args.vision_width,
-                               patch_size=args.patch_size)
+                               patch_size=args.patch_size, text_layers=args.text_layers, text_width=args.text_width)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         ckpt = build_tiny_checkpoint(tmp / "init", seed=args.seed, spec=spec)
         task = make_reasoning_task(tmp / "data", vocabulary=args.vocabulary, image_size=args.render_size,
-                                   train_per_scene=args.train_per_scene, inference_share=args.inference_share,
+                                   train_per_scene=args.train_per_scene, queries_per_render=args.queries_per_render,
+                                   inference_share=args.inference_share,
                                    heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops,
                                    train_hops=args.train_hops,
                                    seed=args.seed)

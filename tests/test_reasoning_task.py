@@ -191,6 +191,27 @@ def test_dataset_splits_and_pictures(tmp_path):
         assert np.abs(colour - PALETTE[r.extra["attributes"]["colour"]]).max() < 45
 
 
+def test_queries_per_render_pairs_each_render_with_independent_queries(tmp_path):
+    from ume_retriever.inputs.records import read_records
+
+    task = make_reasoning_task(tmp_path / "q", train_per_scene=2, queries_per_render=5, inference_share=0.5, seed=3)
+    train = read_records(task.train).records
+    assert len(train) == 2 * 5 * len(task.seen)
+    by_image: dict[str, list] = {}
+    for r in train:
+        by_image.setdefault(r.target.images[0], []).append(r)
+    assert len(by_image) == 2 * len(task.seen) and all(len(rs) == 5 for rs in by_image.values())
+    for rs in by_image.values():  # one combination per render, each query its own draw
+        assert len({r.extra["scene"] for r in rs}) == 1
+        assert all(answer_attributes(r.query.reasoning, BASE) == r.extra["attributes"] for r in rs)
+    distinct = np.mean([len({r.query.text for r in rs}) for rs in by_image.values()])
+    assert distinct > 4  # not one query repeated
+    one = read_records(make_reasoning_task(tmp_path / "one", train_per_scene=2, seed=3).train).records
+    assert len(one) == 2 * len(task.seen)
+    with pytest.raises(ValueError, match="queries_per_render"):
+        make_reasoning_task(tmp_path / "bad", train_per_scene=1, queries_per_render=0)
+
+
 @pytest.mark.parametrize("side,patch,depth,width", [(28, 14, 1, 64), (56, 14, 2, 96), (56, 28, 1, 64)])
 def test_synthetic_task_spec_perception_budget(tmp_path, side, patch, depth, width):
     """The spec's image side, patch, tower depth and width reach the checkpoint and the
@@ -220,6 +241,26 @@ def test_synthetic_task_spec_perception_budget(tmp_path, side, patch, depth, wid
         synthetic_task_spec(28, patch_size=28)
     with pytest.raises(ValueError, match="multiple of 32"):
         synthetic_task_spec(28, vision_width=48)
+
+
+def test_synthetic_task_spec_language_model_size(tmp_path):
+    """text_layers / text_width reach the checkpoint: that many decoder layers of that width,
+    32-dim heads, and embeddings of that width."""
+    from ume_retriever.model.encoder import UMEEncoder
+    from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
+
+    spec = synthetic_task_spec(28, text_layers=3, text_width=96)
+    enc = UMEEncoder.from_pretrained(str(build_tiny_checkpoint(tmp_path / "m", spec=spec)), device="cpu")
+    text = enc.model.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.intermediate_size) == (3, 96, 3, 384)
+    assert len(enc.model.model.language_model.layers) == 3
+    assert enc.model.model.language_model.layers[0].self_attn.q_proj.weight.shape == (96, 96)
+    result = enc.encode({"image": Image.new("RGB", (112, 112))}, mode="both", max_new_tokens=4)
+    assert result.disc.shape == result.gen.shape == (96,)
+    with pytest.raises(ValueError, match="text_width must be a positive multiple of 32"):
+        synthetic_task_spec(28, text_width=80)
+    with pytest.raises(ValueError, match="text_layers"):
+        synthetic_task_spec(28, text_layers=0)
 
 
 def test_scripted_gold_reasoning_equals_teacher_forced_forward(tmp_path):

@@ -241,13 +241,14 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0, spec: TinyModelSpec |
 
 
 def synthetic_task_spec(image_size: int = 28, *, vision_depth: int = 1, vision_width: int = 64,
-                        patch_size: int = 14) -> TinyModelSpec:
+                        patch_size: int = 14, text_layers: int = 2, text_width: int = 64) -> TinyModelSpec:
     """The tiny model ``ume_train``'s synthetic benchmarks train from scratch (~0.3M parameters).
 
     The perception budget: ``image_size``, the side every image is resized to (a multiple of
     ``2 * patch_size``); ``patch_size``, the vision patch (Qwen2-VL's 14; 2x2 patches make one
     merged visual token, so a token covers ``(2 * patch_size)^2`` pixels); ``vision_depth`` /
-    ``vision_width``, the vision tower's blocks and width (heads of 32 dims).
+    ``vision_width``, the vision tower's blocks and width (heads of 32 dims); ``text_layers`` /
+    ``text_width``, the language model's (heads of 32 dims, one key/value head, MLP 4x wide).
 
     Measured (benchmarks/reasoning_generalisation.py, docs/reasoning.md): where an image is ONE
     merged token, the merger's concatenation of its 2x2 patches puts which quadrant holds the
@@ -265,8 +266,13 @@ def synthetic_task_spec(image_size: int = 28, *, vision_depth: int = 1, vision_w
         raise ValueError(f"vision_width must be a positive multiple of 32 (32-dim heads), got {vision_width}")
     if vision_depth < 1:
         raise ValueError(f"vision_depth must be >= 1, got {vision_depth}")
+    if text_width < 32 or text_width % 32:
+        raise ValueError(f"text_width must be a positive multiple of 32 (32-dim heads), got {text_width}")
+    if text_layers < 1:
+        raise ValueError(f"text_layers must be >= 1, got {text_layers}")
     return TinyModelSpec(
-        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=text_layers,
+        num_attention_heads=text_width // 32, num_key_value_heads=1,
         rope_theta=10.0, vision_depth=vision_depth, vision_embed_dim=vision_width,
         vision_num_heads=vision_width // 32, bpe_vocab_size=1024,
         min_pixels=image_size * image_size, max_pixels=image_size * image_size, patch_size=patch_size,

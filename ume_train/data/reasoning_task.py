@@ -346,6 +346,7 @@ def make_reasoning_task(
     vocabulary: str | Vocabulary = "base",
     image_size: int = 112,
     train_per_scene: int = 64,
+    queries_per_render: int = 1,
     inference_share: float = 0.5,
     heldout_fraction: float = 0.2,
     heldout_chain_fraction: float = 1 / 3,
@@ -356,7 +357,8 @@ def make_reasoning_task(
     """Write pictures, ``train.jsonl`` and ``eval.jsonl`` (our record format) under ``root``.
 
     Training queries are inference queries with probability ``inference_share``, else direct
-    queries in a training wording. With ``inference_hops=2`` (default) a riddled position is a
+    queries in a training wording; each of the ``train_per_scene`` renders of a seen combination
+    is the target of ``queries_per_render`` queries drawn independently. With ``inference_hops=2`` (default) a riddled position is a
     single hop or a seen two-hop chain in training and a held-out two-hop chain in the
     ``inference`` split (always riddled there); ``train_hops=3`` adds to training the
     three-hop routes that contain no held-out chain. With ``inference_hops=1``, single hops
@@ -366,6 +368,8 @@ def make_reasoning_task(
     vocab = VOCABULARIES[vocabulary] if isinstance(vocabulary, str) else vocabulary
     if not 0 <= inference_share <= 1:
         raise ValueError(f"inference_share must be in [0, 1], got {inference_share}")
+    if queries_per_render < 1:
+        raise ValueError(f"queries_per_render must be >= 1, got {queries_per_render}")
     root = Path(root)
     media = root / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -400,11 +404,12 @@ def make_reasoning_task(
     for scene in seen:
         for i in range(train_per_scene):
             image = picture(scene, f"train-{vocab.summary(scene).replace(' ', '_')}-{i}")
-            if rng.random() < inference_share:
-                text, reasoning = inference_query(vocab, scene, rng, train_chains)
-            else:
-                text, reasoning = direct_query(vocab, scene, rng.choice(TRAIN_WORDINGS))
-            train.append(record(scene, image, text, reasoning, "train"))
+            for _ in range(queries_per_render):
+                if rng.random() < inference_share:
+                    text, reasoning = inference_query(vocab, scene, rng, train_chains)
+                else:
+                    text, reasoning = direct_query(vocab, scene, rng.choice(TRAIN_WORDINGS))
+                train.append(record(scene, image, text, reasoning, "train"))
     evals = []
     for scene in seen + heldout:
         image = picture(scene, f"pool-{vocab.summary(scene).replace(' ', '_')}")
@@ -450,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=112, help="rendered size; the model's pixel caps resize it")
     ap.add_argument("--train-per-scene", type=int, default=64,
                       help="renders per seen combination (16 is memorised: docs/reasoning.md)")
+    ap.add_argument("--queries-per-render", type=int, default=1, help="training queries drawn per render")
     ap.add_argument("--inference-share", type=float, default=0.5)
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
     ap.add_argument("--inference-hops", type=int, choices=(1, 2), default=2)
@@ -458,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     make_reasoning_task(args.root, vocabulary=args.vocabulary, image_size=args.image_size,
-                        train_per_scene=args.train_per_scene, inference_share=args.inference_share,
+                        train_per_scene=args.train_per_scene, queries_per_render=args.queries_per_render,
+                        inference_share=args.inference_share,
                         heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops,
                         train_hops=args.train_hops, seed=args.seed)
 
