@@ -243,6 +243,33 @@ def test_synthetic_task_spec_perception_budget(tmp_path, side, patch, depth, wid
         synthetic_task_spec(28, vision_width=48)
 
 
+def test_synthetic_task_tokenizer_spells_every_task_word_as_one_token(tmp_path):
+    """Every word the reasoning task writes (both vocabularies, training and eval texts, both
+    sides' reasoning) is one token of the synthetic-task checkpoint's tokenizer, so a route's
+    relation can be copied as one token; the default tiny tokenizer spells them out."""
+    import json
+    import re
+
+    from transformers import AutoTokenizer
+
+    from ume_retriever.model.tiny import TinyModelSpec, build_tiny_checkpoint, synthetic_task_spec
+
+    words = set()
+    for name in ("base", "other"):
+        task = make_reasoning_task(tmp_path / name, vocabulary=name, train_per_scene=4, image_size=28, seed=0)
+        for path in (task.train, task.eval):
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                for text in (r["query"]["text"], r["query"]["reasoning"], r["target"]["reasoning"]):
+                    words.update(re.findall(r"[A-Za-z]+", re.sub(r"<[^>]+>", " ", text)))  # not the tags
+    assert {"anticlockwise", "clockwise", "opposite", "reached", "pizza", "hexagon"} <= words
+    tok = AutoTokenizer.from_pretrained(build_tiny_checkpoint(tmp_path / "m", spec=synthetic_task_spec(28)))
+    multi = sorted(w for w in words if len(tok(" " + w).input_ids) != 1)
+    assert not multi, f"spelt in several tokens: {multi}"
+    plain = AutoTokenizer.from_pretrained(build_tiny_checkpoint(tmp_path / "plain", spec=TinyModelSpec()))
+    assert len(plain(" anticlockwise").input_ids) > 1
+
+
 def test_synthetic_task_spec_language_model_size(tmp_path):
     """text_layers / text_width reach the checkpoint: that many decoder layers of that width,
     32-dim heads, and embeddings of that width."""

@@ -51,6 +51,22 @@ _CORPUS = [
     "0123456789 .,;:!?'\"()[]{}<>-_/\\|@#$%^&*+=~` \n\t",
     "the quick brown fox jumps over the lazy dog THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
 ]
+# The words of ume_train's reasoning task (data/reasoning_task.py: both vocabularies, clues,
+# routes, wordings), for the synthetic-task spec. Without them its relation words are spelt
+# out byte by byte ("anticlockwise" is 11 tokens, "clockwise" 8), and the tiny model does not
+# learn to copy a route from the query (docs/reasoning.md).
+REASONING_TASK_WORDS = (
+    "A An At Black Blue Brown Cyan Find From Get Green Grey I In Lime Look Of On One Orange Pink Placed "
+    "Purple Red Search Show The Which Yellow a aid am an and angles answer anticlockwise arrow asks at "
+    "badge ball banana bar bark black blue bottom bright brown candy carrot cell centre chessboard "
+    "chocolate circle clear clockwise cloud coal coin colour coloured corner corners cross cyan deep "
+    "diamond doughnut elephant engine equal find fire first flamingo flat floss for four fresh frog from "
+    "gen going grass green grey hexagon hole honeycomb image in is it kit kite lagoon lavender left "
+    "lemon lime long look looking lot me night of on one opposite orange painted picture pink pizza "
+    "placed plank plum plus points pumpkin purple query rain reached rectangle red right ring ripe round "
+    "sea shape sheriff shows side sides sign sits sky slice square standing star tennis that the then "
+    "three to tomato top tree triangle tropical very way whose with yellow yellowish"
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ class TinyModelSpec:
     vision_num_heads: int = 2
     vision_mlp_ratio: int = 2
     bpe_vocab_size: int = 512
+    tokenizer_words: str = ""  # more text the tokenizer learns merges for (words become single tokens)
     vocab_size: int | None = None  # embedding rows; None: the tokenizer's size rounded up to 64
     tie_word_embeddings: bool = True  # as Qwen2-VL-2B
     max_position_embeddings: int = 32768
@@ -91,7 +108,7 @@ class TinyModelSpec:
         return (self.image_side // (2 * self.patch_size)) ** 2 if self.min_pixels == self.max_pixels else None
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, words: str = ""):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -103,7 +120,7 @@ def _train_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS * 4, trainer)
+    bpe.train_from_iterator((_CORPUS + ([words] if words else [])) * 4, trainer)
     model_json = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
     tokenizer = Qwen2Tokenizer(
@@ -205,7 +222,7 @@ def build_random_model(
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     spec = spec or TinyModelSpec()
-    tokenizer = _train_tokenizer(spec.bpe_vocab_size)
+    tokenizer = _train_tokenizer(spec.bpe_vocab_size, spec.tokenizer_words)
     config = make_config(spec, tokenizer)
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
@@ -274,7 +291,7 @@ def synthetic_task_spec(image_size: int = 28, *, vision_depth: int = 1, vision_w
         hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=text_layers,
         num_attention_heads=text_width // 32, num_key_value_heads=1,
         rope_theta=10.0, vision_depth=vision_depth, vision_embed_dim=vision_width,
-        vision_num_heads=vision_width // 32, bpe_vocab_size=1024,
+        vision_num_heads=vision_width // 32, bpe_vocab_size=1024, tokenizer_words=REASONING_TASK_WORDS,
         min_pixels=image_size * image_size, max_pixels=image_size * image_size, patch_size=patch_size,
     )
 
