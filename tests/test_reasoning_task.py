@@ -64,6 +64,15 @@ def _grid_step(vocab, relation, position):
     return next(p for p, (c, r) in vocab.positions.items() if (c - 1, r - 1) == (x, y))
 
 
+def _route_positions(words: list[str], relations: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(index to search from, relation) for each relation of a route phrase, in order."""
+    out, at = [], words.index("reached")
+    for r in relations:
+        out.append((at, r))
+        at = words.index(r, at) + 1
+    return out
+
+
 @pytest.mark.parametrize("vocab", [BASE, OTHER], ids=lambda v: v.name)
 def test_chains_follow_the_grid_and_hold_compositions_out(vocab):
     for chain in all_chains(vocab, 2):
@@ -74,9 +83,15 @@ def test_chains_follow_the_grid_and_hold_compositions_out(vocab):
         assert len(chain.steps(vocab)) == 2 and chain.steps(vocab)[-1].endswith(f"is the {pos}.")
     assert Chain(("opposite", "clockwise"), "top left").phrase(BASE) == \
         "the corner reached from the top left going opposite, then clockwise"
-    # each step starts where the previous one ended, with the next relation the route names
+    # each step starts where the previous one ended, with the next relation the route names,
+    # after the same connector word as in the query
     assert Chain(("opposite", "clockwise"), "top left").steps(BASE) == [
-        "From the top left, going opposite is the bottom right.", "From the bottom right, going clockwise is the bottom left."]
+        "From the top left going opposite is the bottom right.", "From the bottom right, then clockwise is the bottom left."]
+    for chain in all_chains(vocab, 2) + all_chains(vocab, 3):
+        query = chain.phrase(vocab).replace(",", "").split()
+        before_in_query = [query[query.index(r, at) - 1] for at, r in _route_positions(query, chain.relations)]
+        before_in_steps = [step.replace(",", "").split()[-5] for step in chain.steps(vocab)]
+        assert before_in_query == before_in_steps == ["going", "then", "finally"][:len(chain.relations)]
     assert Chain(("opposite", "clockwise"), "top left").result(BASE) == "bottom left"
     seen, heldout = split_chains(vocab, 1 / 3, seed=0)
     assert len(seen) + len(heldout) == len(RELATIONS) ** 2 * 4 and not set(seen) & set(heldout)
@@ -106,7 +121,7 @@ def test_training_on_three_hop_routes_keeps_heldout_chains_out(tmp_path):
     task = make_reasoning_task(tmp_path, train_per_scene=8, inference_share=1.0, train_hops=3, seed=0)
     train = read_records(task.train).records
     texts = [r.query.text.lower() for r in train]
-    assert sum(t.count(", then ") == 2 for t in texts) > 50  # three-hop routes are trained on
+    assert sum(", finally " in t for t in texts) > 50  # three-hop routes are trained on
     for chain in task.heldout_chains:  # neither the phrase nor the two steps in a row
         steps = " ".join(chain.steps(BASE))
         assert not any(chain.phrase(BASE) in t for t in texts)

@@ -54,7 +54,8 @@ _CORPUS = [
 # The words of ume_train's reasoning task (data/reasoning_task.py: both vocabularies, clues,
 # routes, wordings), for the synthetic-task spec. Without them its relation words are spelt
 # out byte by byte ("anticlockwise" is 11 tokens, "clockwise" 8), and the tiny model does not
-# learn to copy a route from the query (docs/reasoning.md).
+# learn to copy a route from the query (docs/reasoning.md). "finally", the third connector
+# that only three-hop routes (--train-hops 3) use, is not among them.
 REASONING_TASK_WORDS = (
     "A An At Black Blue Brown Cyan Find From Get Green Grey I In Lime Look Of On One Orange Pink Placed "
     "Purple Red Search Show The Which Yellow a aid am an and angles answer anticlockwise arrow asks at "

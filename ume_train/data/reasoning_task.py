@@ -146,6 +146,10 @@ INFERENCE_WORDINGS = ("find {shape}, {colour}, {place}", "{place}: {shape}, {col
 
 
 RELATIONS = ("opposite", "clockwise", "anticlockwise")
+# The words before a route's first, second and third relation, the same in the query and in
+# its reasoning's hop sentences: a hop's relation is then the word that follows its connector
+# in the query, which the tiny model learns to copy (docs/reasoning.md).
+CONNECTORS = ("going", "then", "finally")
 
 
 def relate(vocab: Vocabulary, relation: str, position: str) -> str | None:
@@ -170,8 +174,8 @@ class Chain:
     The route is read in the order it is walked, so each reasoning step is one seen hop: its
     start is the previous step's result and its relation the next one the query names (a nested
     phrasing, "one corner clockwise from the corner opposite the top left", has to be resolved
-    innermost first). Under either phrasing the tiny models memorise chains whole and get
-    held-out chains' positions right at about chance (docs/reasoning.md)."""
+    innermost first). Each relation follows its own connector word (``CONNECTORS``), in the
+    query and in the step that applies it."""
 
     relations: tuple[str, ...]
     start: str
@@ -183,14 +187,17 @@ class Chain:
         return pos
 
     def phrase(self, vocab: Vocabulary) -> str:
-        return f"the {vocab.area} reached from the {self.start} going {', then '.join(self.relations)}"
+        route = ", ".join(f"{word} {r}" for word, r in zip(CONNECTORS, self.relations))
+        return f"the {vocab.area} reached from the {self.start} {route}"
 
     def steps(self, vocab: Vocabulary) -> list[str]:
-        """One reasoning sentence per relation, each resolving one hop."""
+        """One reasoning sentence per relation, each resolving one hop and naming its relation
+        after the same connector as the query: "From the top left going opposite is the bottom
+        right.", "From the bottom right, then clockwise is the bottom left."."""
         out, pos = [], self.start
-        for r in self.relations:
+        for i, (word, r) in enumerate(zip(CONNECTORS, self.relations)):
             nxt = relate(vocab, r, pos)
-            out.append(f"From the {pos}, going {r} is the {nxt}.")
+            out.append(f"From the {pos}{',' if i else ''} {word} {r} is the {nxt}.")
             pos = nxt
         return out
 
