@@ -90,7 +90,8 @@ def test_chains_follow_the_grid_and_hold_compositions_out(vocab):
     for chain in all_chains(vocab, 2) + all_chains(vocab, 3):
         query = chain.phrase(vocab).replace(",", "").split()
         before_in_query = [query[query.index(r, at) - 1] for at, r in _route_positions(query, chain.relations)]
-        before_in_steps = [step.replace(",", "").split()[-5] for step in chain.steps(vocab)]
+        steps = [step.replace(",", "").split() for step in chain.steps(vocab)]
+        before_in_steps = [words[words.index(r) - 1] for words, r in zip(steps, chain.relations)]
         assert before_in_query == before_in_steps == ["going", "then", "finally"][:len(chain.relations)]
     assert Chain(("opposite", "clockwise"), "top left").result(BASE) == "bottom left"
     seen, heldout = split_chains(vocab, 1 / 3, seed=0)
