@@ -147,8 +147,9 @@ INFERENCE_WORDINGS = ("find {shape}, {colour}, {place}", "{place}: {shape}, {col
 
 RELATIONS = ("opposite", "clockwise", "anticlockwise")
 # The words before a route's first, second and third relation, the same in the query and in
-# its reasoning's hop sentences: a hop's relation is then the word that follows its connector
-# in the query, which the tiny model learns to copy (docs/reasoning.md).
+# its reasoning's hop sentences, so a hop's relation is the word that follows its connector in
+# the query. Measured (docs/reasoning.md): with them gen passes disc on held-out chains, yet
+# the tiny model still often writes relations the query does not name.
 CONNECTORS = ("going", "then", "finally")
 
 
@@ -364,9 +365,9 @@ def make_reasoning_task(
     """Write pictures, ``train.jsonl`` and ``eval.jsonl`` (our record format) under ``root``.
 
     Training queries are inference queries with probability ``inference_share``, else direct
-    queries in a training wording; each of the ``train_per_scene`` renders of a seen combination
-    is the target of ``queries_per_render`` queries drawn independently. With ``inference_hops=2`` (default) a riddled position is a
-    single hop or a seen two-hop chain in training and a held-out two-hop chain in the
+    queries in a training wording; each of the ``train_per_scene`` renders of a seen
+    combination is the target of ``queries_per_render`` queries drawn independently. With
+    ``inference_hops=2`` (default) a riddled position is a single hop or a seen two-hop chain in training and a held-out two-hop chain in the
     ``inference`` split (always riddled there); ``train_hops=3`` adds to training the
     three-hop routes that contain no held-out chain. With ``inference_hops=1``, single hops
     only, the same in both. Every record carries ``scene`` (its combination), ``attributes``

@@ -13,7 +13,6 @@ later calls return the folder.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import os
