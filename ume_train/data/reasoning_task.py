@@ -367,8 +367,9 @@ def make_reasoning_task(
     Training queries are inference queries with probability ``inference_share``, else direct
     queries in a training wording; each of the ``train_per_scene`` renders of a seen
     combination is the target of ``queries_per_render`` queries drawn independently. With
-    ``inference_hops=2`` (default) a riddled position is a single hop or a seen two-hop chain in training and a held-out two-hop chain in the
-    ``inference`` split (always riddled there); ``train_hops=3`` adds to training the
+    ``inference_hops=2`` (default) a riddled position is a single hop or a seen two-hop chain
+    in training and a held-out two-hop chain in the ``inference`` split (always riddled
+    there); ``train_hops=3`` adds to training the
     three-hop routes that contain no held-out chain. With ``inference_hops=1``, single hops
     only, the same in both. Every record carries ``scene`` (its combination), ``attributes``
     and ``seen``; eval records' ``dataset`` is their split.
