@@ -99,3 +99,17 @@ def test_notebook_runs_top_to_bottom(tmp_path, tiny_ckpt):
     assert len(images) >= 5  # text query, image query, disc/gen/fused
     assert "ImageNode" in text and "image query ->" in text
     assert re.search(r"\d/6 at rank 1", text)
+
+
+def test_demo_model_keeps_the_tokenizer_it_was_measured_with():
+    """The demo trains from the synthetic-task spec without the reasoning task's words: the
+    same sizes, and the tokenizer of the recipe its figures were measured with."""
+    import dataclasses
+
+    from ume_retriever.model.tiny import REASONING_TASK_WORDS, synthetic_task_spec
+    from ume_train.demo.model import demo_spec
+
+    spec, task = demo_spec(), synthetic_task_spec(28)
+    assert task.tokenizer_words == REASONING_TASK_WORDS and spec.tokenizer_words == ""
+    assert dataclasses.replace(spec, tokenizer_words=task.tokenizer_words) == task
+

@@ -44,6 +44,15 @@ def demo_model(path: str | os.PathLike | None = None, *, minutes: float = 8.0, r
     return path
 
 
+def demo_spec():
+    """The random model the demo trains from: the synthetic-task spec at 28 px, with the
+    tokenizer the demo recipe was measured with (docs/performance.md), i.e. without the
+    reasoning task's words, which the demo's scenes and queries do not use."""
+    from ume_retriever.model.tiny import synthetic_task_spec
+
+    return dataclasses.replace(synthetic_task_spec(28), tokenizer_words="")
+
+
 def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int = 0, lr: float = 2e-3,
                      batch_size: int = 32, train_per_scene: int = 8) -> Path:
     """Train from scratch for ``minutes`` of CPU time (cosine over that time) and save to ``out``.
@@ -55,7 +64,7 @@ def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int 
     from transformers import PrinterCallback
 
     from ume_retriever.inputs.records import read_records
-    from ume_retriever.model.tiny import build_tiny_checkpoint, synthetic_task_spec
+    from ume_retriever.model.tiny import build_tiny_checkpoint
 
     from ..callbacks import TimeBudget
     from ..config import SFTConfig
@@ -67,10 +76,7 @@ def train_demo_model(out: str | os.PathLike, *, minutes: float = 8.0, seed: int 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         work = Path(tmp)
-        # The tokenizer the demo recipe was measured with (docs/performance.md): without the
-        # reasoning task's words, which the demo's scenes and queries do not use.
-        spec = dataclasses.replace(synthetic_task_spec(28), tokenizer_words="")
-        init = build_tiny_checkpoint(work / "init", seed=seed, spec=spec)
+        init = build_tiny_checkpoint(work / "init", seed=seed, spec=demo_spec())
         data = make_dataset(work / "data", modalities=MODALITIES, image_size=28, train_per_scene=train_per_scene,
                             seed=seed)
         records = read_records(data.train).records
