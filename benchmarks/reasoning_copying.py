@@ -22,6 +22,7 @@ Rates, over the fresh queries:
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import random
 import re
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 from ume_retriever.inputs.item import Item  # noqa: E402
 from ume_retriever.model.encoder import UMEEncoder  # noqa: E402
 from ume_train.data.reasoning_task import (INSTRUCTION, VOCABULARIES, answer_attributes, inference_query,  # noqa: E402
-                                           split_chains, split_combinations)
+                                           make_reasoning_task, split_chains, split_combinations)
 
 START = re.compile(r"[Ff]rom the ([a-z ]+?),? going")  # the corner the route starts from
 SENTENCE = re.compile(r"[A-Z][^.]*\.")
@@ -54,8 +55,9 @@ def fresh_queries(seed: int, vocabulary: str, n: int) -> list[tuple[Item, str, d
     combinations: (item, gold reasoning, attributes). The split (combinations, chains) is the
     one training used for ``seed``; the queries come from a random stream of their own."""
     vocab = VOCABULARIES[vocabulary]
-    seen, _ = split_combinations(vocab, 0.2, seed)
-    seen_chains, _ = split_chains(vocab, 1 / 3, seed)
+    defaults = {k: p.default for k, p in inspect.signature(make_reasoning_task).parameters.items()}
+    seen, _ = split_combinations(vocab, defaults["heldout_fraction"], seed)
+    seen_chains, _ = split_chains(vocab, defaults["heldout_chain_fraction"], seed)
     rng, out = random.Random(f"fresh-{seed}"), []
     while len(out) < n:
         scene = rng.choice(seen)
