@@ -52,9 +52,10 @@ def test_demo_model_trains_saves_and_is_cached(tmp_path):
     from ume_retriever import UMEEncoder
     from ume_train.demo.model import demo_model, train_demo_model
 
-    out = train_demo_model(tmp_path / "m", minutes=0.05, train_per_scene=1, batch_size=8)
+    out = train_demo_model(tmp_path / "m", minutes=0.05, train_per_scene=1, batch_size=8, warmup=0.5)
     meta = json.loads((out / "ume_demo_model.json").read_text())
     assert meta["steps"] >= 1 and meta["modalities"] == ["image", "video", "pdf"]
+    assert meta["warmup"] == 0.5  # the schedule it was trained with is recorded
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m-")]  # no temporary folder left
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert demo_model(out) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp  # cached
