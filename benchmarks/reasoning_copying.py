@@ -14,6 +14,8 @@ Rates, over the fresh queries:
 - ``route starts right``: the generated route starts at the corner the query names;
 - ``route sentences right``: of the gold sentences that walk the route, the share generated
   word for word;
+- ``first / second relation right``: the relation the generated route names after "going"
+  (its first hop) and after "then" (its second) is the query's;
 - ``answer right``: the generated answer names all three attributes right;
 - ``teacher-forced token accuracy``: the gold reasoning after the prompt, the share of its
   tokens that are the model's argmax given the gold tokens before them.
@@ -41,6 +43,7 @@ from ume_train.data.reasoning_task import (INSTRUCTION, VOCABULARIES, answer_att
 
 START = re.compile(r"[Ff]rom the ([a-z ]+?),? going")  # the corner the route starts from
 SENTENCE = re.compile(r"[A-Z][^.]*\.")
+RELATION = {"first": re.compile(r" going ([a-z]+) is "), "second": re.compile(r", then ([a-z]+) is ")}
 
 
 def sentences(reasoning: str) -> tuple[list[str], list[str]]:
@@ -92,7 +95,7 @@ def main() -> None:
     records = fresh_queries(args.seed, args.vocabulary, args.queries)
     encoder = UMEEncoder.from_pretrained(args.checkpoint, device="cpu")
     generated = [res.reasoning or "" for res in encoder.encode([item for item, _, _ in records], mode="gen")]
-    counts = dict.fromkeys(("exact", "clue", "clue_n", "start", "hop", "hop_n", "answer"), 0)
+    counts = dict.fromkeys(("exact", "clue", "clue_n", "start", "hop", "hop_n", "answer", "first", "second"), 0)
     for (_, gold, attributes), got in zip(records, generated):
         counts["exact"] += got.strip() == gold.strip()
         clues, route = sentences(gold)
@@ -102,6 +105,9 @@ def main() -> None:
         counts["hop_n"] += len(route)
         first = START.search(got)
         counts["start"] += bool(first) and first.group(1) == START.search(gold).group(1)
+        for hop, pattern in RELATION.items():
+            said = pattern.search(got)
+            counts[hop] += bool(said) and said.group(1) == pattern.search(gold).group(1)
         counts["answer"] += answer_attributes(got, VOCABULARIES[args.vocabulary]) == attributes
     n = len(records)
     print(f"{args.checkpoint}: {n} fresh inference queries through seen chains (seed {args.seed})")
@@ -109,6 +115,8 @@ def main() -> None:
     print(f"  clue sentences right       {counts['clue'] / max(1, counts['clue_n']):.3f} of {counts['clue_n']}")
     print(f"  route starts right         {counts['start'] / n:.3f}")
     print(f"  route sentences right      {counts['hop'] / counts['hop_n']:.3f} of {counts['hop_n']}")
+    print(f"  first relation right       {counts['first'] / n:.3f}")
+    print(f"  second relation right      {counts['second'] / n:.3f}")
     print(f"  answer right               {counts['answer'] / n:.3f}")
     print(f"  teacher-forced token acc.  {teacher_forced_accuracy(encoder, records):.3f}")
     for (item, gold, _), got in list(zip(records, generated))[:args.show]:
