@@ -249,7 +249,7 @@ def test_a_huge_text_is_capped_in_the_payload_and_upserts_are_cut_by_bytes(encod
     import ume_retriever.ingest_points as ingest_points
 
     big = tmp_path / "big.txt"
-    big.write_text("lorem ipsum " * 20_000)  # 240,000 characters, chunking off
+    big.write_text("lorem ipsum " * 2_000)  # 24,000 characters, over MAX_PAYLOAD_TEXT_CHARS; chunking off
     idx = UMEIndex(encoder, tmp_path / "store", vectors=("disc",))
     sizes: list[int] = []
     upsert = idx.store.upsert
