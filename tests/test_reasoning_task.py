@@ -347,9 +347,11 @@ def test_command_lines_write_the_task_and_the_spec(tmp_path, capsys):
     from ume_train.cli import main as train_main
 
     assert train_main(["reasoning-task", str(tmp_path / "task"), "--train-per-scene", "1", "--vocabulary", "other",
-                       "--inference-hops", "1"]) == 0
+                       "--inference-hops", "1", "--queries-per-render", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "task" / "train.jsonl").read_text().splitlines()]
-    assert len(rows) == 120 and all(r["attributes"]["shape"] in OTHER.shapes for r in rows)
+    # 120 seen combinations x 1 render x 2 queries, each render named by both of its queries
+    assert len(rows) == 240 and all(r["attributes"]["shape"] in OTHER.shapes for r in rows)
+    assert len({r["target"]["image"] for r in rows}) == 120
     assert "train.jsonl" in capsys.readouterr().out
     tiny.main([str(tmp_path / "m"), "--synthetic-task", "--image-pixels", "56", "--vision-depth", "2",
                "--vision-width", "96"])

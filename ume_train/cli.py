@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     task.add_argument("--image-size", type=int, default=112, help="rendered size (the model's pixel caps resize it)")
     task.add_argument("--train-per-scene", type=int, default=64,
                       help="renders per seen combination (16 is memorised: docs/reasoning.md)")
+    task.add_argument("--queries-per-render", type=int, default=1, help="training queries drawn per render")
     task.add_argument("--inference-share", type=float, default=0.5, help="share of training queries that riddle")
     task.add_argument("--heldout-fraction", type=float, default=0.2, help="share of combinations never trained on")
     task.add_argument("--inference-hops", type=int, choices=(1, 2), default=2,
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 parser.error(f"unknown arguments: {' '.join(rest)}")
             made = make_reasoning_task(ns.root, vocabulary=ns.vocabulary, image_size=ns.image_size,
-                                       train_per_scene=ns.train_per_scene, inference_share=ns.inference_share,
-                                       heldout_fraction=ns.heldout_fraction,
+                                       train_per_scene=ns.train_per_scene, queries_per_render=ns.queries_per_render,
+                                       inference_share=ns.inference_share, heldout_fraction=ns.heldout_fraction,
                                        inference_hops=ns.inference_hops, train_hops=ns.train_hops, seed=ns.seed)
             print(f"train: {made.train}\neval:  {made.eval}")
             return 0

@@ -21,12 +21,11 @@ combination (``dataset`` names the split):
 Two vocabularies share no value: ``base`` (the shapes, colours and quadrants of
 ``ume_train.data.synthetic``) and ``other`` (other shapes, colours and five positions).
 
-    python -m ume_train.data.reasoning_task ./task --vocabulary other
+    ume-train reasoning-task ./task --vocabulary other
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -455,29 +454,3 @@ def answer_attributes(reasoning: str, vocab: Vocabulary) -> dict[str, str | None
                 rest = rest.replace(f" {value} ", "  ")
         out[attr] = hits[0] if len(hits) == 1 else None
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write the reasoning-generalisation shape task (offline).")
-    ap.add_argument("root")
-    ap.add_argument("--vocabulary", choices=sorted(VOCABULARIES), default="base")
-    ap.add_argument("--image-size", type=int, default=112, help="rendered size; the model's pixel caps resize it")
-    ap.add_argument("--train-per-scene", type=int, default=64,
-                      help="renders per seen combination (16 is memorised: docs/reasoning.md)")
-    ap.add_argument("--queries-per-render", type=int, default=1, help="training queries drawn per render")
-    ap.add_argument("--inference-share", type=float, default=0.5)
-    ap.add_argument("--heldout-fraction", type=float, default=0.2)
-    ap.add_argument("--inference-hops", type=int, choices=(1, 2), default=2)
-    ap.add_argument("--train-hops", type=int, choices=(2, 3), default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_reasoning_task(args.root, vocabulary=args.vocabulary, image_size=args.image_size,
-                        train_per_scene=args.train_per_scene, queries_per_render=args.queries_per_render,
-                        inference_share=args.inference_share,
-                        heldout_fraction=args.heldout_fraction, inference_hops=args.inference_hops,
-                        train_hops=args.train_hops, seed=args.seed)
-
-
-if __name__ == "__main__":
-    main()
